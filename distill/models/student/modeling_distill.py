@@ -1,0 +1,229 @@
+"""The student: a teacher architecture whose attention layers are replaced by SSD (Mamba-2) mixers.
+
+This file is the one student code path: training uses it, and `distill export` copies it (with the configuration
+file and the kernel files) as the remote code of an exported model. It imports nothing from the rest of `distill`
+except the kernels, which an export places beside it.
+
+A student class subclasses the teacher family's own `...ForCausalLM` and swaps `layers[i].self_attn` for an
+`SSDMixer` on every layer not listed in `config.attention_layers`. Everything else (embeddings, norms, MLPs, the LM
+head, the kept attention layers, generation) is the teacher family's code, so the student's weights carry the
+teacher's names and a hybrid's attention layers are exactly the teacher's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaForCausalLM
+from transformers.models.phi.modeling_phi import PhiForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+from .configuration_distill import DistillLlamaConfig, DistillPhiConfig, DistillQwen2Config, MixerSpec
+
+from .ssd_kernels import causal_conv1d, ssd, ssd_matrix
+
+# silu(GATE_ONE) == 1: a zero-weight gate with this bias passes the SSD output through unchanged at transfer time.
+GATE_ONE = 1.2784645427610738
+
+
+@dataclass
+class SSDInputs:
+    """What the mixer feeds the SSD kernel, in the kernel layout (batch, length, heads, dim)."""
+
+    x: torch.Tensor  # (b, L, h, p)
+    log_a: torch.Tensor  # (b, L, h), float32
+    B: torch.Tensor  # (b, L, gb, n)
+    C: torch.Tensor  # (b, L, gc, n)
+    scale: torch.Tensor | None  # (b, L, h) float32 in the Mamba-2 form, None in the discrete form
+    z: torch.Tensor  # (b, L, h * p), the gate's input
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) over the whole inner width: the standard Mamba-2 output norm."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = (y * F.silu(z)).float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * y).to(z.dtype)
+
+
+class SSDMixer(nn.Module):
+    """Mamba-2 mixer in MOHAWK's layout: per-head C (from Q), grouped B (from K), x (from V), a z gate and a decay.
+
+    in_proj -> [z | x | B | C | decay]; a short causal depthwise conv over [x | B | C]; SSD scan; D skip;
+    y * silu(z) (discrete form, as Phi-Mamba) or RMSNorm(y * silu(z)) (Mamba-2 form with `norm=True`); out_proj.
+    Decay: discrete form a_t = exp(-softplus(decay_t + decay_bias)); Mamba-2 form dt_t = softplus(decay_t + dt_bias),
+    a_t = exp(-dt_t * exp(A_log)), and the SSD input is scaled by dt_t.
+    """
+
+    def __init__(self, hidden_size: int, spec: MixerSpec, layer_idx: int):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        h, p, n = spec.n_heads, spec.head_dim, spec.d_state
+        self.x_width, self.b_width, self.c_width = h * p, spec.n_b_groups * n, spec.n_c_groups * n
+        conv_width = self.x_width + self.b_width + self.c_width
+        self.in_proj = nn.Linear(hidden_size, self.x_width + conv_width + h, bias=True)
+        self.conv_weight = nn.Parameter(torch.zeros(conv_width, spec.conv_kernel))
+        self.conv_bias = nn.Parameter(torch.zeros(conv_width))
+        self.D = nn.Parameter(torch.zeros(h))
+        if spec.form == "mamba2":
+            self.dt_bias = nn.Parameter(torch.zeros(h))
+            self.A_log = nn.Parameter(torch.zeros(h))
+        else:
+            self.decay_bias = nn.Parameter(torch.zeros(h))
+        self.norm = GatedRMSNorm(self.x_width) if spec.norm else None
+        self.out_proj = nn.Linear(self.x_width, hidden_size, bias=spec.out_bias)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A fresh mixer: identity conv, pass-through gate, decays spread over the heads (Mamba-2's ranges)."""
+        h = self.spec.n_heads
+        nn.init.normal_(self.in_proj.weight, std=0.02)
+        nn.init.zeros_(self.in_proj.bias)
+        self.in_proj.weight[: self.x_width].zero_()  # z rows: the gate starts open, silu(GATE_ONE) = 1
+        self.in_proj.bias[: self.x_width].fill_(GATE_ONE)
+        self.in_proj.weight[-h:].zero_()  # decay rows: the decay starts from its bias alone
+        self.conv_weight.zero_()
+        self.conv_weight[:, -1] = 1.0  # identity: the conv starts as a no-op, so transferred Q/K/V pass unchanged
+        self.conv_bias.zero_()
+        self.D.zero_()
+        # Per-head time scales dt log-uniform in [1e-3, 1e-1] (Mamba-2's default range).
+        dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), h))
+        if self.spec.form == "mamba2":
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+            self.A_log.zero_()  # A = -1, so log a = -dt
+        else:
+            self.decay_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # -softplus(bias) = -dt
+        nn.init.normal_(self.out_proj.weight, std=0.02)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+
+    def _split(self, zxbcd: torch.Tensor):
+        return zxbcd.split([self.x_width, self.x_width + self.b_width + self.c_width, self.spec.n_heads], dim=-1)
+
+    def decay(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log_a, scale) in float32 from the decay channels of in_proj."""
+        raw = raw.float()
+        if self.spec.form == "mamba2":
+            dt = F.softplus(raw + self.dt_bias.float())
+            return -dt * torch.exp(self.A_log.float()), dt
+        return -F.softplus(raw + self.decay_bias.float()), None
+
+    def ssd_inputs(self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None):
+        """Project, convolve and split: the SSD kernel's inputs, and the conv's final state (for a cache)."""
+        b, L, _ = hidden_states.shape
+        spec = self.spec
+        z, xbc, raw_decay = self._split(self.in_proj(hidden_states))
+        xbc, conv_state = causal_conv1d(xbc, self.conv_weight.to(xbc.dtype), self.conv_bias.to(xbc.dtype), conv_state)
+        if spec.conv_activation == "silu":
+            xbc = F.silu(xbc)
+        x, B, C = xbc.split([self.x_width, self.b_width, self.c_width], dim=-1)
+        log_a, scale = self.decay(raw_decay)
+        inputs = SSDInputs(
+            x=x.reshape(b, L, spec.n_heads, spec.head_dim),
+            log_a=log_a,
+            B=B.reshape(b, L, spec.n_b_groups, spec.d_state),
+            C=C.reshape(b, L, spec.n_c_groups, spec.d_state),
+            scale=scale,
+            z=z,
+        )
+        return inputs, conv_state
+
+    def mixing_matrix(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The mixer's (b, h, L, L) mixing matrix M on these inputs (y = M x + D x); MOHAWK stage 1 fits it."""
+        inputs, _ = self.ssd_inputs(hidden_states)
+        return ssd_matrix(inputs.log_a, inputs.B.float(), inputs.C.float(), inputs.scale)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None]:
+        # Called by the teacher family's decoder layer in place of its attention: attention-only keyword arguments
+        # (position embeddings, masks, KV caches) do not concern an SSD layer and are ignored.
+        inputs, _ = self.ssd_inputs(hidden_states)
+        y, _ = self.scan(inputs)
+        return self.output(y, inputs.z), None
+
+    def scan(self, inputs: SSDInputs, initial_state: torch.Tensor | None = None):
+        """The SSD scan in float32 (bf16 cumulative decays lose the long-range terms), D skip included."""
+        dtype = inputs.x.dtype
+        with torch.autocast(inputs.x.device.type, enabled=False):
+            y, state = ssd(
+                inputs.x.float(),
+                inputs.log_a,
+                inputs.B.float(),
+                inputs.C.float(),
+                inputs.scale,
+                self.D.float(),
+                initial_state,
+                self.spec.chunk_size,
+            )
+        return y.to(dtype), state
+
+    def output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = y.reshape(*y.shape[:2], self.x_width)
+        y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
+        return self.out_proj(y)
+
+
+class StudentMixin:
+    """Swaps the attention of every layer outside `config.attention_layers` for an SSDMixer."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        spec = MixerSpec(**config.ssd_mixer)
+        keep = set(config.attention_layers or [])
+        for idx, layer in enumerate(self.model.layers):
+            if idx not in keep:
+                layer.self_attn = SSDMixer(config.hidden_size, spec, idx)
+
+    @property
+    def ssd_layers(self) -> list[int]:
+        keep = set(self.config.attention_layers or [])
+        return [i for i in range(self.config.num_hidden_layers) if i not in keep]
+
+    def mixer(self, idx: int) -> SSDMixer:
+        return self.model.layers[idx].self_attn
+
+    def mixing_matrices(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each SSD layer's mixing matrix (b, h, L, L) on the student's own forward of `input_ids`."""
+        matrices: dict[int, torch.Tensor] = {}
+        hooks = [
+            self.model.layers[i].self_attn.register_forward_pre_hook(
+                lambda m, args, kwargs, i=i: matrices.__setitem__(i, m.mixing_matrix(kwargs["hidden_states"])),
+                with_kwargs=True,
+            )
+            for i in self.ssd_layers
+        ]
+        try:
+            self(input_ids)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return matrices
+
+
+class DistillLlamaForCausalLM(StudentMixin, LlamaForCausalLM):
+    config_class = DistillLlamaConfig
+
+
+class DistillQwen2ForCausalLM(StudentMixin, Qwen2ForCausalLM):
+    config_class = DistillQwen2Config
+
+
+class DistillPhiForCausalLM(StudentMixin, PhiForCausalLM):
+    config_class = DistillPhiConfig
+
+
+STUDENT_CLASSES = {
+    "llama": DistillLlamaForCausalLM,
+    "qwen2": DistillQwen2ForCausalLM,
+    "phi": DistillPhiForCausalLM,
+}

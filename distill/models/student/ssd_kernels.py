@@ -1,0 +1,7 @@
+"""Where the student finds its kernels.
+
+Inside the distill tree they are `distill.kernels`. `distill export` writes distill/kernels/__init__.py in this
+file's place, with the kernel files beside it, so an exported model runs the very same kernel code.
+"""
+
+from ...kernels import causal_conv1d, causal_conv1d_step, ssd, ssd_decode_step, ssd_matrix  # noqa: F401

@@ -1,0 +1,91 @@
+"""Teacher -> student: build the student config and copy weights (MOHAWK's initialisation).
+
+Embeddings, norms, MLPs, the LM head and kept attention layers are copied as they are. Each converted layer's
+attention projections seed its SSD mixer: Q -> C (times the softmax scale, so C.B starts as the attention logits),
+K -> B (KV heads become B groups), V -> x (repeated over the query heads of each KV group), O -> out_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import StudentConfig
+from .student import STUDENT_CLASSES, STUDENT_CONFIGS, MixerSpec, SSDMixer
+from .teachers import Teacher
+
+# Config keys of the teacher that describe the checkpoint, not the architecture.
+_DROP_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def mixer_spec(teacher: Teacher, cfg: StudentConfig) -> MixerSpec:
+    tc = teacher.config
+    h = tc.num_attention_heads
+    d = head_dim(tc)
+    o_proj = getattr(teacher.model.model.layers[0].self_attn, teacher.family.o_proj)
+    return MixerSpec(
+        n_heads=h,
+        head_dim=d,
+        d_state=d,
+        n_b_groups=getattr(tc, "num_key_value_heads", None) or h,
+        n_c_groups=h,
+        form=cfg.form,
+        conv_kernel=cfg.conv_kernel,
+        conv_activation=cfg.conv_activation or ("silu" if cfg.form == "mamba2" else "identity"),
+        norm=cfg.norm if cfg.norm is not None else cfg.form == "mamba2",
+        out_bias=o_proj.bias is not None,
+        chunk_size=cfg.chunk_size,
+    )
+
+
+def build_student(teacher: Teacher, cfg: StudentConfig, attention_layers: list[int]):
+    """A float32 student from `teacher`: every layer outside `attention_layers` becomes an SSD layer."""
+    family = teacher.family
+    fields = {k: v for k, v in teacher.config.to_dict().items() if k not in _DROP_KEYS}
+    fields.update(ssd_mixer=mixer_spec(teacher, cfg).to_dict(), attention_layers=list(attention_layers))
+    config = STUDENT_CONFIGS[family.name](**fields)
+    config._attn_implementation = "sdpa"
+    student = STUDENT_CLASSES[family.name](config).float()
+
+    # Everything the two models share by name (all but the converted attention) is copied exactly.
+    teacher_state = teacher.model.state_dict()
+    student_state = student.state_dict()
+    shared = {k: v for k, v in teacher_state.items() if k in student_state}
+    student.load_state_dict(shared, strict=False)
+    if cfg.init == "transfer":
+        for idx in student.ssd_layers:
+            transfer_attention(teacher, idx, student.mixer(idx))
+    return student
+
+
+@torch.no_grad()
+def transfer_attention(teacher: Teacher, idx: int, mixer: SSDMixer) -> None:
+    """Seed `mixer` from teacher layer `idx`'s attention: Q -> C, K -> B, V -> x, O -> out_proj."""
+    attn = teacher.model.model.layers[idx].self_attn
+    fam, spec = teacher.family, mixer.spec
+    q, k, v, o = (getattr(attn, name) for name in (fam.q_proj, fam.k_proj, fam.v_proj, fam.o_proj))
+    softmax_scale = getattr(attn, "scaling", spec.d_state**-0.5)
+    group = spec.n_heads // spec.n_b_groups
+
+    def repeat_heads(t: torch.Tensor) -> torch.Tensor:  # (hk * p, ...) -> (h * p, ...), each KV head per group
+        return t.reshape(spec.n_b_groups, spec.head_dim, *t.shape[1:]).repeat_interleave(group, 0).flatten(0, 1)
+
+    xw = mixer.x_width
+    rows = {
+        "x": (slice(xw, 2 * xw), repeat_heads(v.weight), None if v.bias is None else repeat_heads(v.bias)),
+        "B": (slice(2 * xw, 2 * xw + mixer.b_width), k.weight, k.bias),
+        "C": (
+            slice(2 * xw + mixer.b_width, 2 * xw + mixer.b_width + mixer.c_width),
+            q.weight * softmax_scale,
+            None if q.bias is None else q.bias * softmax_scale,
+        ),
+    }
+    for name, (where, weight, bias) in rows.items():
+        mixer.in_proj.weight[where] = weight.float()
+        mixer.in_proj.bias[where] = 0.0 if bias is None else bias.float()
+    mixer.out_proj.weight.copy_(o.weight.float())
+    if o.bias is not None:
+        mixer.out_proj.bias.copy_(o.bias.float())

@@ -1,0 +1,30 @@
+"""Stage 1, matrix orientation: per layer and head, fit the SSD mixing matrix to the teacher's attention matrix.
+
+The student's mixer reads the teacher's own layer input (after the block's input norm); the loss per layer is
+MOHAWK's: the mean over batch and heads of || softmax(QK^T/sqrt(d) + mask) - M_SSD ||_F. Layers are independent,
+so each layer's loss is backpropagated at once and its activations freed before the next layer's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from .common import StepResult, autocast
+
+
+def matrix_step(student, teacher, input_ids: torch.Tensor, precision: str) -> StepResult:
+    with autocast(input_ids.device, precision):
+        captured = teacher.capture(input_ids, student.ssd_layers).layers
+    per_layer = {}
+    for idx in student.ssd_layers:
+        record = captured[idx]
+        block = student.model.layers[idx]
+        with autocast(input_ids.device, precision):
+            inputs, _ = block.self_attn.ssd_inputs(block.input_layernorm(record.block_input))
+        loss = kernels.stage1_loss(
+            record.q, record.k, record.softmax_scale, inputs.log_a, inputs.B.float(), inputs.C.float(), inputs.scale
+        )
+        loss.backward()
+        per_layer[idx] = loss.item()
+    return StepResult(loss=sum(per_layer.values()) / len(per_layer), per_layer=per_layer)

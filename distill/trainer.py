@@ -1,0 +1,259 @@
+"""Run the pipeline's stages in order over a run folder: optimizer, schedule, precision, logging, checkpoints, resume.
+
+A run folder holds the resolved config (config.yaml), metrics.jsonl (one JSON line per step and per evaluation),
+checkpoints/ and summary.md. Started again on the same folder, a run resumes from its latest checkpoint: same stage,
+step, data position, optimizer and RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from . import kernels
+from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import RESUME_FREE_KEYS, Config, ConfigError, StageConfig, validate, validate_against_teacher
+from .data import PackedData, build_data
+from .models.teachers import Teacher, load_teacher
+from .models.transfer import build_student
+from .stages import stage_step, trainable_parameters
+from .stages.common import autocast
+
+
+class NonFiniteLoss(RuntimeError):
+    """A stage's loss turned NaN or inf; the latest checkpoint is the last good one."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but CUDA is not available: use trainer.device=cpu or auto")
+    return device
+
+
+def lr_factor(step: int, total: int, stage: StageConfig) -> float:
+    """Linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
+    warmup = max(1, int(stage.warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if stage.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if stage.schedule == "cosine" else 1 - progress
+    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * shape
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_resume_config(run_dir: Path, cfg: Config) -> None:
+    """A run folder keeps one config: refuse to resume it with a different one, naming the differences."""
+    saved_path = run_dir / "config.yaml"
+    new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    if saved_path.exists():
+        old = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+        free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)  # noqa: E731
+        diffs = [k for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
+        if diffs:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diffs[:4])
+            raise ConfigError(
+                f"run_dir={run_dir} was started with another config ({shown}); "
+                "resume it with the same overrides, or choose a new run_dir"
+            )
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), saved_path)
+
+
+class MetricsLog:
+    """metrics.jsonl: appended line by line; on resume, lines past the checkpoint are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, state: RunState | None):
+        self.path = path
+        if state is not None and path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if "step" not in row or (row["stage_index"], row["step"]) <= (state.stage_index, state.step):
+                    kept.append(line)
+            path.write_text("".join(k + "\n" for k in kept))
+        elif path.exists() and state is None:
+            path.unlink()
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+@torch.no_grad()
+def heldout_perplexity(model, batches: list[torch.Tensor], device: torch.device, precision: str) -> float:
+    """exp(mean next-token cross-entropy) over the held-out batches."""
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        with autocast(device, precision):
+            logits = model(input_ids=batch, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total += loss.item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        validate(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        kernels.set_backend(cfg.kernels)
+        self.device = pick_device(cfg.trainer.device)
+        check_resume_config(self.run_dir, cfg)
+        torch.manual_seed(cfg.trainer.seed)
+
+        self.teacher: Teacher = load_teacher(cfg.teacher)
+        keep = validate_against_teacher(cfg, self.teacher.num_layers, self.teacher.max_positions)
+        self.student = build_student(self.teacher, cfg.student, keep)
+        self.teacher.to(self.device)
+        self.student.to(self.device)
+        self.data: PackedData = build_data(cfg.data, self.teacher.tokenizer)
+
+        checkpoint = latest_checkpoint(self.run_dir)
+        self.state, self.payload = RunState(), None
+        if checkpoint is not None:
+            self.state, self.payload = load_checkpoint(checkpoint, self.student)
+            set_rng_state(self.payload["rng"])
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state if checkpoint else None)
+
+    def heldout(self, model) -> float:
+        e = self.cfg.eval
+        batches = self.data.holdout_batches(e.batch_size, e.seq_len, e.holdout_batches)
+        return heldout_perplexity(model, batches, self.device, self.cfg.trainer.precision)
+
+    def run(self) -> dict:
+        cfg, state = self.cfg, self.state
+        if "ppl_teacher" not in state.results and self.cfg.data.holdout_tokens:
+            state.results["ppl_teacher"] = self.heldout(self.teacher.model)
+            state.results["ppl_student_init"] = self.heldout(self.student)
+            self.metrics.write({"event": "heldout", "teacher": state.results["ppl_teacher"],
+                                "student_init": state.results["ppl_student_init"]})
+        while state.stage_index < len(cfg.pipeline):
+            if state.stage_done:
+                state.stage_index, state.step, state.position, state.tokens = state.stage_index + 1, 0, 0, 0
+                state.stage_done, self.payload = False, None
+                continue
+            self.run_stage(cfg.pipeline[state.stage_index])
+        summary = self.summary()
+        (self.run_dir / "summary.md").write_text(summary)
+        return state.results
+
+    def run_stage(self, name: str) -> None:
+        cfg, state = self.cfg, self.state
+        stage = cfg.stages[name]
+        total = stage.tokens // (stage.batch_size * stage.seq_len)
+        params = trainable_parameters(self.student, stage.trainable)
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(
+            list(params.values()), lr=stage.lr, betas=(0.9, 0.95), weight_decay=stage.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, stage))
+        if self.payload is not None and self.payload.get("optimizer"):
+            optimizer.load_state_dict(self.payload["optimizer"]["optimizer"])
+            scheduler.load_state_dict(self.payload["optimizer"]["scheduler"])
+        step_fn = stage_step(stage)
+        batches = self.data.batches(stage.batch_size, stage.seq_len, state.position)
+        self.student.train()
+        bar = tqdm(total=total, initial=state.step, desc=f"{name} ({stage.loss})", disable=not cfg.trainer.progress,
+                   unit="step", dynamic_ncols=True)
+        first_losses = state.results.setdefault(name, {}).setdefault("first", [])
+        t0, tokens0 = time.perf_counter(), state.tokens
+        while state.step < total:
+            position, batch = next(batches)
+            batch = batch.to(self.device)
+            optimizer.zero_grad(set_to_none=True)
+            result = step_fn(self.student, self.teacher, batch, cfg.trainer.precision)
+            self._check_finite(name, result)
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), stage.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            state.step, state.position, state.tokens = state.step + 1, position, state.tokens + batch.numel()
+            if len(first_losses) < 3:
+                first_losses.append(result.loss)
+            tok_s = (state.tokens - tokens0) / (time.perf_counter() - t0)
+            if state.step % cfg.trainer.log_every == 0 or state.step == total:
+                self.metrics.write({
+                    "stage": name, "stage_index": state.stage_index, "step": state.step, "tokens": state.tokens,
+                    "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "tokens_per_s": tok_s, "per_layer": result.per_layer, **result.extra,
+                })
+            bar.set_postfix(loss=f"{result.loss:.4g}", tok_s=f"{tok_s:.0f}")
+            bar.update(1)
+            state.results[name]["last"] = result.loss
+            state.results[name]["per_layer"] = result.per_layer
+            every = cfg.trainer.checkpoint_every
+            if every and state.step % every == 0 and state.step < total:
+                self._save(f"{name}-step{state.step:06d}", optimizer, scheduler)
+        bar.close()
+        self.student.eval()
+        if cfg.data.holdout_tokens:
+            state.results[name]["ppl"] = self.heldout(self.student)
+            self.metrics.write({"event": "heldout", "stage": name, "student": state.results[name]["ppl"]})
+        state.results[name]["tokens"] = state.tokens
+        state.stage_done = True
+        self._save(f"{name}-done", None, None)
+
+    def _check_finite(self, stage: str, result) -> None:
+        bad = [i for i, v in result.per_layer.items() if not math.isfinite(v)]
+        if not math.isfinite(result.loss) or bad:
+            where = f" in layer {bad[0]}" if bad else ""
+            raise NonFiniteLoss(
+                f"{stage}: the loss is {result.loss} at step {self.state.step + 1}{where}; nothing of this step was "
+                f"saved and the latest checkpoint in {self.run_dir / 'checkpoints'} is the last good one. "
+                f"Lower stages.{stage}.lr or use trainer.precision=fp32"
+            )
+
+    def _save(self, name: str, optimizer, scheduler) -> None:
+        payload = None if optimizer is None else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        save_checkpoint(self.run_dir, name, self.student, payload, self.state, self.cfg.trainer.keep_checkpoints)
+
+    def summary(self) -> str:
+        """Markdown: per-stage loss (first -> last step), held-out perplexity of teacher and student."""
+        r = self.state.results
+        lines = ["| stage | loss | steps' tokens | loss first -> last | held-out ppl (student) |", "|---|---|---|---|---|"]
+        if "ppl_student_init" in r:
+            lines.append(f"| transfer (no training) | | 0 | | {r['ppl_student_init']:.2f} |")
+        for name in self.cfg.pipeline:
+            s = r.get(name)
+            if not s:
+                continue
+            first = s["first"][0] if s.get("first") else float("nan")
+            ppl = f"{s['ppl']:.2f}" if "ppl" in s else ""
+            lines.append(f"| {name} | {self.cfg.stages[name].loss} | {s.get('tokens', 0)} | {first:.4g} -> {s.get('last', float('nan')):.4g} | {ppl} |")
+        if "ppl_teacher" in r:
+            lines.append(f"| teacher | | | | {r['ppl_teacher']:.2f} |")
+        ssd = self.student.ssd_layers
+        head = (f"Student: {len(ssd)} of {self.teacher.num_layers} layers converted to SSD ({self.cfg.student.form}); "
+                f"SSD layers {ssd}.\n\n")
+        return head + "\n".join(lines) + "\n"
+
+
+def train(cfg: Config) -> dict:
+    return Trainer(cfg).run()
