@@ -21,7 +21,7 @@ def matrix_step(student, teacher, input_ids: torch.Tensor, precision: str) -> St
         record = captured[idx]
         block = student.model.layers[idx]
         with autocast(input_ids.device, precision):
-            inputs, _ = block.self_attn.ssd_inputs(block.input_layernorm(record.block_input))
+            inputs, _ = block.self_attn.ssd_inputs(block.input_layernorm(record.block_input.float()))
         loss = kernels.stage1_loss(
             record.q, record.k, record.softmax_scale, inputs.log_a, inputs.B.float(), inputs.C.float(), inputs.scale
         )

@@ -16,7 +16,7 @@ def hidden_step(student, teacher, input_ids: torch.Tensor, precision: str) -> St
     for idx in student.ssd_layers:
         record = captured[idx]
         with autocast(input_ids.device, precision):
-            out = student.model.layers[idx](record.block_input)
+            out = student.model.layers[idx](record.block_input.float())
         out = out[0] if isinstance(out, tuple) else out
         diff = (out.float() - record.block_output.float()).norm(dim=-1)
         loss = diff.mean()

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random teachers built in memory, and composing configs the way the CLI does."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from distill.cli import compose
+from distill.config import TeacherConfig, config_dir
+from distill.models.teachers import load_teacher
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def teacher_config(name: str) -> TeacherConfig:
+    yaml = OmegaConf.load(config_dir() / "teacher" / f"{name}.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TeacherConfig), yaml))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return load_teacher(teacher_config("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_phi():
+    return load_teacher(teacher_config("tiny-phi"))
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-phi"])
+def tiny_teacher(request, tiny_llama, tiny_phi):
+    return {"tiny-llama": tiny_llama, "tiny-phi": tiny_phi}[request.param]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """Compose the tiny experiment into a fresh run folder, with extra overrides."""
+
+    def make(*overrides: str):
+        return compose(["experiment=tiny", f"run_dir={tmp_path / 'run'}", *overrides])
+
+    return make
