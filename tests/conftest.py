@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-from omegaconf import OmegaConf
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; it must be switched on before triton is first
+    # imported (transformers imports it), so here, before anything else.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from distill.cli import compose
-from distill.config import TeacherConfig, config_dir
-from distill.models.teachers import load_teacher
+from distill.config import TeacherConfig, config_dir  # noqa: E402
+from distill.models.teachers import load_teacher  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -1,0 +1,281 @@
+"""The Triton SSD kernels against the PyTorch reference: forward and every gradient, on fresh random inputs.
+
+On a CUDA machine the kernels run on the GPU (float64, float32 and bfloat16); elsewhere they run on the CPU through
+Triton's interpreter at tiny shapes (L shorter than a chunk, L not a multiple of it, several heads, grouped B/C).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+
+# Without CUDA the kernels run in Triton's interpreter, which must be chosen before triton is imported: @triton.jit
+# (triton's own tl.sum and tl.cdiv included) reads TRITON_INTERPRET when it decorates. If something imported triton
+# first (transformers does, through torch.distributed), drop those modules so that the import below starts afresh
+# (all but the compiled triton._C, which cannot be imported twice).
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+    stale = [m for m in sys.modules if (m == "triton" or m.startswith("triton.")) and not m.startswith("triton._C")]
+    for name in stale:
+        del sys.modules[name]
+pytest.importorskip("triton")
+
+import torch.nn.functional as F  # noqa: E402
+
+from distill.kernels import reference  # noqa: E402
+
+
+def _load(name: str, kernel: str):
+    """Import a kernel module; reload it if it was imported before the interpreter was chosen."""
+    module = importlib.import_module(f"distill.kernels.{name}")
+    if not CUDA and type(getattr(module, kernel)).__name__ != "InterpretedFunction":
+        module = importlib.reload(module)
+    return module
+
+
+triton_ssd = _load("triton_ssd", "_ssd_fwd_kernel")
+triton_step = _load("triton_step", "_ssd_step_kernel")
+
+DEVICE = "cuda" if CUDA else "cpu"
+F64 = torch.float64
+# Relative error bounds (||out - ref|| / ||ref||) by the kernel's input dtype.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}
+_seeds = itertools.count(1234)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(actual).all()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def ssd_inputs(
+    b: int, L: int, h: int, p: int, n: int, gb: int, gc: int,
+    scale: bool = True, D: bool = True, initial_state: bool = True,
+) -> list[torch.Tensor | None]:
+    """Fresh float64 inputs (a new seed per call): log_a in [-1.01, -0.01], scale in [0.1, 1.1], the rest normal."""
+    g = torch.Generator().manual_seed(next(_seeds))
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=F64)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g, dtype=F64)
+
+    return [
+        randn(b, L, h, p),
+        -(rand(b, L, h) + 0.01),
+        randn(b, L, gb, n),
+        randn(b, L, gc, n),
+        rand(b, L, h) + 0.1 if scale else None,
+        randn(h) if D else None,
+        randn(b, h, p, n) if initial_state else None,
+    ]
+
+
+def check_ssd(
+    inputs: list[torch.Tensor | None], dtype: torch.dtype, chunk_size: int, reference_fn=reference.ssd_naive,
+    make_inputs=None,
+) -> None:
+    """Forward (y, final state) and the gradient of every tensor input, kernel in `dtype` vs float64 reference.
+
+    The reference sees the inputs rounded to `dtype` (then widened), so only the kernel's own error is measured.
+    make_inputs, if given, maps the kernel's leaf tensors to what the kernel is called with (e.g. strided views).
+    """
+    inputs = [t.to(dtype).to(F64) if t is not None else None for t in inputs]
+    ref_in = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    out_in = [t.to(DEVICE, dtype).requires_grad_() if t is not None else None for t in inputs]
+    call_in = make_inputs(out_in) if make_inputs is not None else out_in
+    y, final = triton_ssd.ssd_chunked_triton(*call_in, chunk_size=chunk_size)
+    y_ref, final_ref = reference_fn(*ref_in)
+    assert y.dtype == dtype and final.dtype == dtype
+    assert rel_err(y, y_ref) < TOL[dtype]
+    assert rel_err(final, final_ref) < TOL[dtype]
+
+    dy, dfinal = (torch.randn_like(t).to(dtype).to(F64) for t in (y_ref, final_ref))
+    leaves = [t for t in out_in if t is not None]
+    grads = torch.autograd.grad((y * dy.to(DEVICE, dtype)).sum() + (final * dfinal.to(DEVICE, dtype)).sum(), leaves)
+    ref_leaves = [t for t in ref_in if t is not None]
+    ref_grads = torch.autograd.grad((y_ref * dy).sum() + (final_ref * dfinal).sum(), ref_leaves)
+    names = [name for name, t in zip(("x", "log_a", "B", "C", "scale", "D", "initial_state"), inputs) if t is not None]
+    for name, grad, ref_grad in zip(names, grads, ref_grads):
+        assert grad.dtype == dtype, name
+        err = rel_err(grad, ref_grad)
+        assert err < TOL[dtype], f"d{name}: relative error {err:.2e}"
+
+
+# (b, L, h, p, n, gb, gc, chunk): L < chunk, L = chunk, L not a multiple of the chunk, per-head and grouped B/C
+# (shared B as with GQA teachers, shared C, both), p and n not powers of two, p split across programs.
+SHAPES = [
+    (2, 5, 3, 8, 5, 3, 3, 16),
+    (1, 16, 2, 16, 16, 2, 2, 16),
+    (2, 37, 4, 8, 5, 1, 4, 16),
+    (1, 50, 6, 12, 8, 2, 3, 16),
+    (2, 70, 4, 20, 16, 4, 2, 32),
+]
+OPTIONS = [(True, True, True), (False, False, False), (True, False, True), (False, True, False)]
+DTYPES = [F64, torch.float32] if CUDA else [F64]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-L{}-h{}-p{}-n{}-gb{}-gc{}-T{}".format(*s))
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "scale{}-D{}-h0{}".format(*map(int, o)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ssd_chunked_matches_reference(shape, options, dtype) -> None:
+    *dims, chunk = shape
+    check_ssd(ssd_inputs(*dims, *options), dtype, chunk)
+
+
+def test_ssd_chunked_float32_interpreted_or_gpu() -> None:
+    check_ssd(ssd_inputs(2, 45, 4, 24, 16, 2, 4), torch.float32, 16)
+
+
+@pytest.mark.parametrize("block_p,segments", [(16, 1), (64, 3), (16, 4)])
+@pytest.mark.parametrize("options", [(True, True, True), (False, False, False)], ids=["all", "none"])
+def test_ssd_chunked_p_blocks_and_segments(monkeypatch, block_p: int, segments: int, options) -> None:
+    """The layouts for few batch x heads: p split in blocks (dB, dC, dlog_a, dscale summed over blocks) and the
+    chunks cut into segments (4 chunks in 3 or 4 segments: one ragged, one a single chunk)."""
+    config = lambda batch_heads, dim_p, nchunks, device: (block_p, segments, 4, 1)  # noqa: E731
+    monkeypatch.setattr(triton_ssd, "_fwd_config", config)
+    monkeypatch.setattr(triton_ssd, "_bwd_config", config)
+    check_ssd(ssd_inputs(2, 61, 4, 40, 24, 2, 1, *options), DTYPES[0], 16)
+
+
+def test_ssd_chunked_strided_inputs() -> None:
+    """x, B, C as views into one projection (the Mamba-2 layout), log_a and scale as strided views."""
+    b, L, h, p, n = 2, 29, 4, 8, 16
+
+    def views(leaves):
+        x, log_a, B, C, scale, D, h0 = leaves
+        packed = torch.cat([x.reshape(b, L, h * p), B.reshape(b, L, n), C.reshape(b, L, n)], dim=-1)
+        xv, Bv, Cv = packed.split([h * p, n, n], dim=-1)
+        la_scale = torch.stack([log_a, scale], dim=-1)  # (b, L, h, 2): every second element
+        B1, C1 = Bv.view(b, L, 1, n), Cv.view(b, L, 1, n)
+        return [xv.view(b, L, h, p), la_scale[..., 0], B1, C1, la_scale[..., 1], D, h0]
+
+    check_ssd(ssd_inputs(b, L, h, p, n, 1, 1), DTYPES[0], 16, make_inputs=views)
+
+
+def test_ssd_chunked_matches_reference_chunked_and_inference_path() -> None:
+    """Against reference.ssd_chunked; and without autograd (no stored states) the same numbers."""
+    inputs = ssd_inputs(2, 41, 4, 16, 16, 4, 4)
+    dtype = DTYPES[0]
+    check_ssd(inputs, dtype, 16, reference_fn=lambda *a: reference.ssd_chunked(*a, chunk_size=16))
+    dev_in = [t.to(DEVICE, dtype) if t is not None else None for t in inputs]
+    with torch.no_grad():
+        y, final = triton_ssd.ssd_chunked_triton(*dev_in, chunk_size=16)
+    y_ref, final_ref = reference.ssd_chunked(*inputs, chunk_size=16)
+    assert rel_err(y, y_ref) < TOL[dtype] and rel_err(final, final_ref) < TOL[dtype]
+
+
+def test_ssd_chunked_gradient_through_final_state_only() -> None:
+    """A loss on the final state alone (dy is None in the backward): e.g. a prefill feeding a decode."""
+    inputs = ssd_inputs(1, 20, 2, 16, 16, 2, 2)
+    dtype = DTYPES[0]
+    leaves = [t.to(DEVICE, dtype).requires_grad_() for t in inputs]
+    ref_leaves = [t.clone().requires_grad_() for t in inputs]
+    _, final = triton_ssd.ssd_chunked_triton(*leaves, chunk_size=16)
+    _, final_ref = reference.ssd_naive(*ref_leaves)
+    weight = torch.randn_like(final_ref)
+    grads = torch.autograd.grad((final * weight.to(DEVICE, dtype)).sum(), leaves, allow_unused=True)
+    ref_grads = torch.autograd.grad((final_ref * weight).sum(), ref_leaves, allow_unused=True)
+    for grad, ref_grad in zip(grads, ref_grads):
+        if ref_grad is None or ref_grad.abs().max() == 0:  # C and D do not reach the final state
+            assert grad is None or grad.abs().max() == 0
+        else:
+            assert rel_err(grad, ref_grad) < TOL[dtype]
+
+
+@pytest.mark.skipif(not CUDA, reason="bfloat16 tensor-core path: GPU only")
+@pytest.mark.parametrize("gb", [8, 2])
+def test_ssd_chunked_bfloat16_model_shape(gb: int) -> None:
+    """bf16 at a model's head size (p = n = 64), several chunks and a ragged tail, against float64."""
+    check_ssd(ssd_inputs(2, 300, 8, 64, 64, gb, 8), torch.bfloat16, 64, reference_fn=reference.ssd_chunked)
+
+
+def test_ssd_chunked_rejects_bad_shapes() -> None:
+    x, log_a, B, C, *_ = ssd_inputs(1, 4, 4, 8, 8, 3, 4, scale=False, D=False, initial_state=False)
+    with pytest.raises(ValueError, match="B has 3 groups"):
+        triton_ssd.ssd_chunked_triton(x, log_a, B, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def step_inputs(b: int, h: int, p: int, n: int, gb: int, gc: int, scale: bool, D: bool):
+    g = torch.Generator().manual_seed(next(_seeds))
+    randn = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    rand = lambda *s: torch.rand(*s, generator=g, dtype=F64)  # noqa: E731
+    return (
+        randn(b, h, p, n), randn(b, h, p), -(rand(b, h) + 0.01), randn(b, gb, n), randn(b, gc, n),
+        rand(b, h) + 0.1 if scale else None, randn(h) if D else None,
+    )
+
+
+STEP_SHAPES = [(1, 4, 8, 5, 4, 4, True, True), (3, 6, 20, 16, 2, 3, False, False), (2, 4, 64, 64, 1, 4, True, False)]
+STEP_DTYPES = [F64, torch.float32] if CUDA else [F64]
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=lambda s: "b{}-h{}-p{}-n{}-gb{}-gc{}-scale{}-D{}".format(*s))
+@pytest.mark.parametrize("dtype", STEP_DTYPES, ids=str)
+def test_ssd_step_matches_reference(shape, dtype) -> None:
+    inputs = step_inputs(*shape)
+    dev = [t.to(DEVICE, dtype) if t is not None else None for t in inputs]
+    y_ref, state_ref = reference.ssd_step(*inputs)
+    y, state = triton_step.ssd_step_triton(*dev)
+    assert rel_err(y, y_ref) < TOL[dtype] and rel_err(state, state_ref) < TOL[dtype]
+    in_place = dev[0].clone()
+    y2, state2 = triton_step.ssd_step_triton(in_place, *dev[1:], out_state=in_place)
+    assert state2 is in_place
+    assert rel_err(y2, y_ref) < TOL[dtype] and rel_err(in_place, state_ref) < TOL[dtype]
+
+
+@pytest.mark.skipif(not CUDA, reason="bfloat16 inputs with a float32 state: GPU only")
+def test_ssd_step_bfloat16_inputs_float32_state() -> None:
+    state, x, log_a, B, C, scale, D = step_inputs(16, 8, 64, 64, 2, 2, True, True)
+    y_ref, state_ref = reference.ssd_step(state, x, log_a, B, C, scale, D)
+    bf = lambda t: t.to(DEVICE, torch.bfloat16)  # noqa: E731
+    y, new_state = triton_step.ssd_step_triton(
+        state.to(DEVICE, torch.float32), bf(x), bf(log_a), bf(B), bf(C), bf(scale), bf(D)
+    )
+    y_ref2, state_ref2 = reference.ssd_step(state, *(t.bfloat16().double() for t in (x, log_a, B, C, scale, D)))
+    assert new_state.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert rel_err(new_state, state_ref2) < 1e-5 and rel_err(y, y_ref2) < 1e-2
+    assert rel_err(y, y_ref) < 3e-2
+
+
+@pytest.mark.parametrize(
+    "b,h,p,n,gb,gc,k,bias,activation",
+    [(2, 4, 8, 5, 4, 4, 4, True, "silu"), (3, 6, 20, 16, 2, 3, 4, False, None), (1, 4, 16, 16, 1, 1, 2, True, "silu")],
+)
+def test_conv_ssd_step_matches_reference(b, h, p, n, gb, gc, k, bias, activation) -> None:
+    state, x, log_a, B, C, scale, D = step_inputs(b, h, p, n, gb, gc, True, True)
+    channels = h * p + (gb + gc) * n
+    g = torch.Generator().manual_seed(next(_seeds))
+    conv_state = torch.randn(b, channels, k - 1, generator=g, dtype=F64)
+    xbc = torch.randn(b, channels, generator=g, dtype=F64)
+    weight = torch.randn(channels, k, generator=g, dtype=F64)
+    conv_bias = torch.randn(channels, generator=g, dtype=F64) if bias else None
+
+    u, conv_ref = reference.causal_conv1d_step(conv_state, xbc, weight, conv_bias)
+    u = F.silu(u) if activation == "silu" else u
+    xu, Bu, Cu = u.split([h * p, gb * n, gc * n], dim=1)
+    y_ref, state_ref = reference.ssd_step(
+        state, xu.reshape(b, h, p), log_a, Bu.reshape(b, gb, n), Cu.reshape(b, gc, n), scale, D
+    )
+
+    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    in_place = dev(state).clone()
+    y, new_conv, new_state = triton_step.conv_ssd_step_triton(
+        dev(conv_state), dev(xbc), dev(weight), dev(conv_bias), in_place, dev(log_a), dev(scale), dev(D),
+        groups_b=gb, groups_c=gc, activation=activation, out_state=in_place,
+    )
+    assert new_state is in_place
+    assert rel_err(y, y_ref) < TOL[F64] and rel_err(new_state, state_ref) < TOL[F64]
+    assert rel_err(new_conv, conv_ref) < TOL[F64]
