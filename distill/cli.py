@@ -35,19 +35,17 @@ examples:
 """
 
 
-def compose(overrides: list[str]):
-    """The typed Config for these Hydra overrides."""
+def compose(overrides: list[str], config_name: str = "config"):
+    """The typed config (a dataclass of distill.config) of conf/CONFIG_NAME.yaml with these Hydra overrides."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .config import Config, config_dir
+    from .config import config_dir
 
     with initialize_config_dir(config_dir=str(config_dir().resolve()), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides)
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, Config)
-    return obj
+        cfg = hydra_compose(config_name, overrides=overrides)
+    return OmegaConf.to_object(cfg)
 
 
 def cmd_train(args) -> int:
@@ -66,6 +64,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    cfg = compose(args.overrides, "eval")
+    from .eval.run import run_eval
+
+    _, table = run_eval(cfg)
+    print(table)
+    return 0
+
+
+EVAL_HELP = """overrides:
+  checkpoint=RUN_DIR        a `distill train` run folder: its student, beside its teacher (with_teacher=false: alone)
+  checkpoint=EXPORT_DIR     an exported folder (loaded with trust_remote_code), beside teacher=NAME
+  (no checkpoint)           the teacher group's model alone, e.g. teacher=smollm2
+  tasks=[distill_offline]   offline twins (distill_lambada_openai, distill_hellaswag, distill_piqa, distill_arc_easy,
+                            distill_arc_challenge, distill_winogrande, distill_wikitext) or lm-eval names (hub)
+  data_dir=DIR              the offline twins' data (default: $DISTILL_DATA_DIR)
+  limit=N batch_size=N max_length=N device=auto precision=bf16 out=STEM
+
+writes STEM.json and STEM.md (default stem: RUN/eval/results) and prints the table.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill",
@@ -82,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cfg", nargs="?", const="job", metavar="job", help="print the composed config and exit")
     train.add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE or GROUP=NAME")
     train.set_defaults(func=cmd_train)
+    ev = sub.add_parser(
+        "eval",
+        help="score a run's student beside its teacher (or an export, or a teacher) with lm-eval",
+        description="Run lm-eval (offline twins or standard tasks) and write a JSON file and a Markdown table.",
+        epilog=EVAL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

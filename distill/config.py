@@ -106,7 +106,25 @@ class Config:
     run_dir: str = "runs/demo"
 
 
+@dataclass
+class EvalCommandConfig:
+    """`distill eval`: lm-eval on a run's student (beside its teacher), an exported folder, or a teacher alone."""
+
+    checkpoint: str | None = None  # a run folder (config.yaml) or an exported folder (config.json); None: teacher
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # used without a run folder
+    with_teacher: bool = True  # evaluate the teacher too and put it beside the student
+    tasks: list[str] = field(default_factory=lambda: ["distill_offline"])
+    data_dir: str | None = None  # offline twins' data (default: $DISTILL_DATA_DIR)
+    limit: float | None = None  # documents per task (or a fraction), passed to lm-eval
+    batch_size: int = 8
+    max_length: int = 2048
+    device: str = "auto"
+    precision: str = "bf16"  # bf16 casts the models to bfloat16 on CUDA; the CPU evaluates in float32
+    out: str | None = None  # results stem (default: RUN/eval/results or runs/eval/<teacher>)
+
+
 ConfigStore.instance().store(name="base_config", node=Config)
+ConfigStore.instance().store(name="eval_config", node=EvalCommandConfig)
 
 LOSSES = ("matrix", "hidden", "logits")
 TRAINABLE = ("mixers", "ssd_blocks", "all_but_embeddings", "all")
