@@ -52,8 +52,10 @@ def test_transfer_maps_qkvo(tiny_teacher):
     assert rel(inputs.x, v.repeat_interleave(h // hk, dim=2)) < 1e-6  # V repeated over each KV group's heads
     o = getattr(attn, tiny_teacher.family.o_proj)
     assert torch.equal(mixer.out_proj.weight, o.weight)
-    # The gate starts open (silu(z) = 1) and D at zero: the mixer starts as linear attention with decay.
-    assert rel(torch.nn.functional.silu(inputs.z), torch.ones_like(inputs.z)) < 1e-6
+    # The gate starts closed: a converted layer adds nothing until stage 2 opens it.
+    assert torch.equal(inputs.z, torch.zeros_like(inputs.z))
+    with torch.no_grad():
+        assert torch.equal(mixer(hidden)[0], torch.zeros_like(hidden) + (mixer.out_proj.bias if mixer.out_proj.bias is not None else 0))
 
 
 def test_everything_else_is_copied(tiny_teacher):

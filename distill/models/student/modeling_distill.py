@@ -26,9 +26,6 @@ from .configuration_distill import DistillLlamaConfig, DistillPhiConfig, Distill
 
 from .ssd_kernels import causal_conv1d, ssd, ssd_matrix
 
-# silu(GATE_ONE) == 1: a zero-weight gate with this bias passes the SSD output through unchanged at transfer time.
-GATE_ONE = 1.2784645427610738
-
 
 @dataclass
 class SSDInputs:
@@ -42,25 +39,24 @@ class SSDInputs:
     z: torch.Tensor  # (b, L, h * p), the gate's input
 
 
-class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * silu(z)) over the whole inner width: the standard Mamba-2 output norm."""
+class RMSNorm(nn.Module):
+    """RMSNorm over the whole inner width (the Mamba-2 form's output norm, applied before the gate)."""
 
     def __init__(self, width: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(width))
         self.eps = eps
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = (y * F.silu(z)).float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * y).to(z.dtype)
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        normed = y.float() * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * normed).to(y.dtype)
 
 
 class SSDMixer(nn.Module):
     """Mamba-2 mixer in MOHAWK's layout: per-head C (from Q), grouped B (from K), x (from V), a z gate and a decay.
 
     in_proj -> [z | x | B | C | decay]; a short causal depthwise conv over [x | B | C]; SSD scan; D skip;
-    y * silu(z) (discrete form, as Phi-Mamba) or RMSNorm(y * silu(z)) (Mamba-2 form with `norm=True`); out_proj.
+    y * silu(z) (discrete form, as Phi-Mamba) or RMSNorm(y) * silu(z) (Mamba-2 form with `norm=True`); out_proj.
     Decay: discrete form a_t = exp(-softplus(decay_t + decay_bias)); Mamba-2 form dt_t = softplus(decay_t + dt_bias),
     a_t = exp(-dt_t * exp(A_log)), and the SSD input is scaled by dt_t.
     """
@@ -80,18 +76,23 @@ class SSDMixer(nn.Module):
             self.A_log = nn.Parameter(torch.zeros(h))
         else:
             self.decay_bias = nn.Parameter(torch.zeros(h))
-        self.norm = GatedRMSNorm(self.x_width) if spec.norm else None
+        self.norm = RMSNorm(self.x_width) if spec.norm else None
         self.out_proj = nn.Linear(self.x_width, hidden_size, bias=spec.out_bias)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """A fresh mixer: identity conv, pass-through gate, decays spread over the heads (Mamba-2's ranges)."""
+        """A fresh mixer: closed gate, identity conv, decays spread over the heads (Mamba-2's ranges).
+
+        The gate starts closed (z = 0, silu(0) = 0): a freshly converted layer adds nothing to the residual stream,
+        so the student starts as the teacher without those attention layers rather than with an unnormalised
+        linear attention in their place (whose outputs are orders of magnitude too large before stage 1). Stage 1
+        fits the mixing matrix, which does not involve the gate; stage 2 opens it (d silu/dz = 1/2 at 0).
+        """
         h = self.spec.n_heads
         nn.init.normal_(self.in_proj.weight, std=0.02)
         nn.init.zeros_(self.in_proj.bias)
-        self.in_proj.weight[: self.x_width].zero_()  # z rows: the gate starts open, silu(GATE_ONE) = 1
-        self.in_proj.bias[: self.x_width].fill_(GATE_ONE)
+        self.in_proj.weight[: self.x_width].zero_()  # z rows: closed gate
         self.in_proj.weight[-h:].zero_()  # decay rows: the decay starts from its bias alone
         self.conv_weight.zero_()
         self.conv_weight[:, -1] = 1.0  # identity: the conv starts as a no-op, so transferred Q/K/V pass unchanged
@@ -169,8 +170,9 @@ class SSDMixer(nn.Module):
 
     def output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         y = y.reshape(*y.shape[:2], self.x_width)
-        y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
-        return self.out_proj(y)
+        if self.norm is not None:
+            y = self.norm(y)
+        return self.out_proj(y * F.silu(z))
 
 
 class StudentMixin:
