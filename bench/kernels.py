@@ -258,9 +258,11 @@ def bench_decode(peers: dict) -> list[str]:
                  "ours_eager": do_bench(step_ours, return_mode="median")}
         if "mamba_step" in peers:
             dt_e, A_e, D_e = dt[..., None].expand(b, h, P), A[:, None, None].expand(h, P, N), D[:, None].expand(h, P)
+            # mamba_ssm reads dt_bias's strides even when it is None (its tie_hdim check): pass a zero bias.
+            bias_e = torch.zeros(h, device=dev)[:, None].expand(h, P)
 
             def step_mamba() -> None:
-                peers["mamba_step"](state, x, dt_e, A_e, B, C, D=D_e)
+                peers["mamba_step"](state, x, dt_e, A_e, B, C, D=D_e, dt_bias=bias_e)
 
             times["mamba"] = attempt("mamba_ssm step", do_bench_cudagraph, step_mamba, 20, None, None, "median")
             times["mamba_eager"] = attempt("mamba_ssm step eager", do_bench, step_mamba, 25, 100, None, None, "median")
@@ -284,7 +286,8 @@ def bench_decode(peers: dict) -> list[str]:
             def conv_mamba() -> None:
                 u, _ = reference.causal_conv1d_step(conv_state, xbc, weight, bias)
                 xs, Bs, Cs = F.silu(u).split([h * P, h * N, h * N], dim=1)
-                peers["mamba_step"](state, xs.view(b, h, P), dt_e, A_e, Bs.view(b, h, N), Cs.view(b, h, N), D=D_e)
+                peers["mamba_step"](state, xs.view(b, h, P), dt_e, A_e, Bs.view(b, h, N), Cs.view(b, h, N), D=D_e,
+                                   dt_bias=bias_e)
 
             times["conv_mamba"] = attempt(
                 "conv + mamba_ssm step", do_bench_cudagraph, conv_mamba, 20, None, None, "median"
@@ -397,7 +400,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
-    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",") if i]  # --shapes "" : decode only
     torch.manual_seed(0)
     peers = load_peers()
     device = torch.cuda.get_device_name()

@@ -183,7 +183,8 @@ class Trainer:
         self.student.train()
         bar = tqdm(total=total, initial=state.step, desc=f"{name} ({stage.loss})", disable=not cfg.trainer.progress,
                    unit="step", dynamic_ncols=True)
-        first_losses = state.results.setdefault(name, {}).setdefault("first", [])
+        record = state.results.setdefault(name, {})
+        first_losses, last_losses = record.setdefault("first", []), record.setdefault("recent", [])
         t0, tokens0 = time.perf_counter(), state.tokens
         while state.step < total:
             position, batch = next(batches)
@@ -197,6 +198,7 @@ class Trainer:
             state.step, state.position, state.tokens = state.step + 1, position, state.tokens + batch.numel()
             if len(first_losses) < 3:
                 first_losses.append(result.loss)
+            last_losses[:] = [*last_losses[-2:], result.loss]  # single batches are noisy: summaries average 3
             tok_s = (state.tokens - tokens0) / (time.perf_counter() - t0)
             if state.step % cfg.trainer.log_every == 0 or state.step == total:
                 self.metrics.write({
@@ -206,8 +208,8 @@ class Trainer:
                 })
             bar.set_postfix(loss=f"{result.loss:.4g}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
-            state.results[name]["last"] = result.loss
-            state.results[name]["per_layer"] = result.per_layer
+            record["last"] = result.loss
+            record["per_layer"] = result.per_layer
             every = cfg.trainer.checkpoint_every
             if every and state.step % every == 0 and state.step < total:
                 self._save(f"{name}-step{state.step:06d}", optimizer, scheduler)
@@ -235,20 +237,21 @@ class Trainer:
         save_checkpoint(self.run_dir, name, self.student, payload, self.state, self.cfg.trainer.keep_checkpoints)
 
     def summary(self) -> str:
-        """Markdown: per-stage loss (first -> last step), held-out perplexity of teacher and student."""
+        """Markdown: per-stage loss (mean of the first 3 steps -> of the last 3), held-out perplexity."""
         r = self.state.results
-        lines = ["| stage | loss | steps' tokens | loss first -> last | held-out ppl (student) |", "|---|---|---|---|---|"]
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        lines = ["| after | loss | tokens | loss, first 3 steps -> last 3 | held-out perplexity |", "|---|---|---|---|---|"]
+        if "ppl_teacher" in r:
+            lines.append(f"| teacher | | | | {r['ppl_teacher']:.2f} |")
         if "ppl_student_init" in r:
             lines.append(f"| transfer (no training) | | 0 | | {r['ppl_student_init']:.2f} |")
         for name in self.cfg.pipeline:
             s = r.get(name)
             if not s:
                 continue
-            first = s["first"][0] if s.get("first") else float("nan")
             ppl = f"{s['ppl']:.2f}" if "ppl" in s else ""
-            lines.append(f"| {name} | {self.cfg.stages[name].loss} | {s.get('tokens', 0)} | {first:.4g} -> {s.get('last', float('nan')):.4g} | {ppl} |")
-        if "ppl_teacher" in r:
-            lines.append(f"| teacher | | | | {r['ppl_teacher']:.2f} |")
+            loss = f"{mean(s.get('first', [])):.4g} -> {mean(s.get('recent', [])):.4g}"
+            lines.append(f"| {name} | {self.cfg.stages[name].loss} | {s.get('tokens', 0)} | {loss} | {ppl} |")
         ssd = self.student.ssd_layers
         head = (f"Student: {len(ssd)} of {self.teacher.num_layers} layers converted to SSD ({self.cfg.student.form}); "
                 f"SSD layers {ssd}.\n\n")

@@ -34,7 +34,7 @@ def test_three_stages_train_and_summarise(tiny_cfg):
     assert latest_checkpoint(run_dir).name == "stage3-done"
     assert len([p for p in (run_dir / "checkpoints").iterdir() if p.is_dir()]) == 2  # keep_checkpoints
     summary = (run_dir / "summary.md").read_text()
-    assert "| stage1 | matrix |" in summary and "| teacher |" in summary
+    assert "| stage1 | matrix | 2048 |" in summary and "| teacher |" in summary and "| transfer" in summary
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
     assert set(row["per_layer"]) == {"0", "2", "3"}  # layer 1 stayed attention
 
