@@ -1,7 +1,7 @@
 """Benchmark: our Triton SSD kernels against the peers, in one run on one GPU; prints Markdown tables.
 
     python bench/kernels.py [--sweep | --full-sweep] [--peers mamba,mamba_step,fla] [--shapes 0,1,2,3]
-                            [--no-decode] [--out bench/results_ssd.md]
+                            [--no-decode] [--out FILE]   (tables: bench/RESULTS.md)
 
 On a fresh machine mamba_ssm's autotuning compiles ~200 configurations first (about 150 s on an H100 machine);
 a whole run with every peer should take about 6 minutes (an estimate from two partial runs).

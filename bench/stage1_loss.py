@@ -1,6 +1,6 @@
 """Stage-1 loss on one GPU: the fused Triton kernel against the materialised PyTorch reference, same run.
 
-    PYTHONPATH=$PWD python bench/stage1_loss.py                       # the table of bench/results_stage1.md
+    PYTHONPATH=$PWD python bench/stage1_loss.py                       # the table of bench/RESULTS.md
     PYTHONPATH=$PWD python bench/stage1_loss.py --configs 64,4,2 64,8,2   # also time other tile configurations
 
 Shapes: b=1, h=32 query heads (k, B and C per head), d=n=64, bf16 q, k, B, C; log_a and scale (Mamba-2 form, from
