@@ -327,8 +327,10 @@ def _ssd_bwd_kernel(
         # dlog_a_k sums the pair terms (output i, input j) with j < k <= i, read off the chunk alone (no long
         # prefix sums, no cancellation): pairs inside the chunk; outputs from k on reading the entering state;
         # inputs before k reaching the chunk's end state; and the entering state carried through the whole chunk.
-        before_k = tl.cumsum(pair, 1) - pair  # [i, k] = sum_{j < k} of output i's pair terms
-        inside = tl.sum(tl.where(causal, before_k, 0.0), 0)  # sum over i >= k
+        # Pairs inside the chunk with j < k <= i: all pairs of outputs i >= k, less those whose input j >= k too
+        # (pairs are strictly causal, so j >= k implies i >= k): a suffix sum of (row sum - column sum), O(T).
+        rows_minus_cols = tl.sum(pair, 1) - tl.sum(pair, 0)
+        inside = tl.sum(rows_minus_cols, 0) - tl.cumsum(rows_minus_cols, 0) + rows_minus_cols
         reads_state = from_start * tl.sum(dy.to(ACC) * y_state, 1)  # output i's use of the entering state
         reaches_end = s * to_end * tl.sum(x.to(ACC) * dxs_state, 1)  # input j's share of the end state
         through = tl.exp(cs_last) * tl.sum(tl.sum(dstate * state, 1), 0)
