@@ -73,6 +73,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    cfg = compose(args.overrides, "inspect")
+    from .inspect import inspect_run
+
+    out = inspect_run(cfg.checkpoint, cfg.out, cfg.layers, cfg.heads, cfg.batches, cfg.keep, cfg.device)
+    print((out / "summary.md").read_text())
+    print(f"pictures and summary in {out}")
+    return 0
+
+
+INSPECT_HELP = """overrides:
+  checkpoint=RUN_DIR   a `distill train` run folder (required)
+  out=DIR              where to write (default: RUN_DIR/inspect)
+  layers=[6,13] heads=[0,1] batches=2 keep=3 device=cpu
+
+writes matrices_layer*.png (teacher attention | student mixing matrix | difference, log scale), layer_losses.png
+(per-layer stage-1 distance and stage-2 relative error on held-out data), loss_curves.png (metrics.jsonl) and
+summary.md (layers ranked worst fit first, and a student.attention_layers=[..] suggestion for a hybrid).
+"""
+
+
 EVAL_HELP = """overrides:
   checkpoint=RUN_DIR        a `distill train` run folder: its student, beside its teacher (with_teacher=false: alone)
   checkpoint=EXPORT_DIR     an exported folder (loaded with trust_remote_code), beside teacher=NAME
@@ -111,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
     ev.set_defaults(func=cmd_eval)
+    insp = sub.add_parser(
+        "inspect",
+        help="draw teacher attention beside the student's mixing matrices and rank layers by how badly they fit",
+        description="Pictures and a per-layer fit ranking of a run's student (the hint for a hybrid's layers).",
+        epilog=INSPECT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    insp.add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
+    insp.set_defaults(func=cmd_inspect)
     return parser
 
 

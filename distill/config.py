@@ -123,7 +123,21 @@ class EvalCommandConfig:
     out: str | None = None  # results stem (default: RUN/eval/results or runs/eval/<teacher>)
 
 
+@dataclass
+class InspectCommandConfig:
+    """`distill inspect`: pictures and a per-layer fit ranking of a run's student."""
+
+    checkpoint: str = MISSING  # a run folder
+    out: str | None = None  # default: RUN/inspect
+    layers: list[int] | None = None  # layers to draw (default: the worst fit and two spread over the SSD layers)
+    heads: list[int] | None = None  # heads to draw (default: 0 and 1)
+    batches: int = 2  # held-out batches (of the run's eval shape) to measure the fits on
+    keep: int = 3  # how many worst-fit layers to suggest keeping as attention
+    device: str = "cpu"
+
+
 ConfigStore.instance().store(name="base_config", node=Config)
+ConfigStore.instance().store(name="inspect_config", node=InspectCommandConfig)
 ConfigStore.instance().store(name="eval_config", node=EvalCommandConfig)
 
 LOSSES = ("matrix", "hidden", "logits")
