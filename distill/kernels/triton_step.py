@@ -178,9 +178,13 @@ def _conv_ssd_step_kernel(
 
 
 def _launch_config(batch_heads: int, dim_p: int) -> tuple[int, int]:
-    """(BLOCK_P, num_warps): small p blocks at small batch (more programs in flight), larger once the grid is big."""
-    block = 16 if batch_heads < 2048 else 32
-    return min(block, max(16, triton.next_power_of_2(dim_p))), 4
+    """(BLOCK_P, num_warps): 8-row p blocks for a single sequence's heads (more programs in flight), 32 beyond.
+
+    Chosen from a sweep on an H100 (h = 32, p = n = 64, bf16; CUDA-graph replay): at batch 1, (8, 4) took 1.84 us
+    where (16, 4) took 2.12; from batch 4 on, (32, 4) was the fastest or within 2% of it (bench/RESULTS.md).
+    """
+    block = 8 if batch_heads <= 32 else 32
+    return min(block, triton.next_power_of_2(dim_p)), 4
 
 
 def _acc_dtype(dtype: torch.dtype):
