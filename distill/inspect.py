@@ -87,7 +87,9 @@ def plot_matrices(run, ids: torch.Tensor, layer: int, heads: list[int], path: Pa
             (row[1], m.abs(), f"student |M|, layer {layer} head {h}"),
             (row[2], (a - m).abs(), f"|A - M|, Frobenius norm {dist:.3g}"),
         ):
-            im = ax.imshow(mat.clamp_min(1e-4).log10().cpu().numpy(), cmap="magma", vmin=-4, vmax=top)  # one scale a row
+            im = ax.imshow(
+                mat.clamp_min(1e-4).log10().cpu().numpy(), cmap="magma", vmin=-4, vmax=top
+            )  # one scale a row
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("key / input position j")
             ax.set_ylabel("query / output position i")
@@ -142,8 +144,9 @@ def plot_loss_curves(metrics_path: Path, path: Path) -> bool:
     return True
 
 
-def inspect_run(run_dir, out_dir=None, layers=None, heads=None, batches: int = 2, keep: int = 3,
-                device: str = "cpu") -> Path:
+def inspect_run(
+    run_dir, out_dir=None, layers=None, heads=None, batches: int = 2, keep: int = 3, device: str = "cpu"
+) -> Path:
     """Write the pictures and summary.md into out_dir (default RUN/inspect); return out_dir."""
     run = load_run(run_dir, device)
     out = Path(out_dir or Path(run_dir) / "inspect")

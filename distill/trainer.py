@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -69,7 +68,7 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
     new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     if saved_path.exists():
         old = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
-        free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)  # noqa: E731
+        free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)
         diffs = [k for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
         if diffs:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diffs[:4])
@@ -110,7 +109,9 @@ def heldout_perplexity(model, batches: list[torch.Tensor], device: torch.device,
         batch = batch.to(device)
         with autocast(device, precision):
             logits = model(input_ids=batch, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
+        )
         total += loss.item()
         count += batch[:, 1:].numel()
     return math.exp(total / count)
@@ -150,8 +151,13 @@ class Trainer:
         if "ppl_teacher" not in state.results and self.cfg.data.holdout_tokens:
             state.results["ppl_teacher"] = self.heldout(self.teacher.model)
             state.results["ppl_student_init"] = self.heldout(self.student)
-            self.metrics.write({"event": "heldout", "teacher": state.results["ppl_teacher"],
-                                "student_init": state.results["ppl_student_init"]})
+            self.metrics.write(
+                {
+                    "event": "heldout",
+                    "teacher": state.results["ppl_teacher"],
+                    "student_init": state.results["ppl_student_init"],
+                }
+            )
         while state.stage_index < len(cfg.pipeline):
             if state.stage_done:
                 state.stage_index, state.step, state.position, state.tokens = state.stage_index + 1, 0, 0, 0
@@ -181,8 +187,14 @@ class Trainer:
         step_fn = stage_step(stage)
         batches = self.data.batches(stage.batch_size, stage.seq_len, state.position)
         self.student.train()
-        bar = tqdm(total=total, initial=state.step, desc=f"{name} ({stage.loss})", disable=not cfg.trainer.progress,
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=state.step,
+            desc=f"{name} ({stage.loss})",
+            disable=not cfg.trainer.progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
         record = state.results.setdefault(name, {})
         first_losses, last_losses = record.setdefault("first", []), record.setdefault("recent", [])
         t0, tokens0 = time.perf_counter(), state.tokens
@@ -201,11 +213,20 @@ class Trainer:
             last_losses[:] = [*last_losses[-2:], result.loss]  # single batches are noisy: summaries average 3
             tok_s = (state.tokens - tokens0) / (time.perf_counter() - t0)
             if state.step % cfg.trainer.log_every == 0 or state.step == total:
-                self.metrics.write({
-                    "stage": name, "stage_index": state.stage_index, "step": state.step, "tokens": state.tokens,
-                    "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                    "tokens_per_s": tok_s, "per_layer": result.per_layer, **result.extra,
-                })
+                self.metrics.write(
+                    {
+                        "stage": name,
+                        "stage_index": state.stage_index,
+                        "step": state.step,
+                        "tokens": state.tokens,
+                        "loss": result.loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": tok_s,
+                        "per_layer": result.per_layer,
+                        **result.extra,
+                    }
+                )
             bar.set_postfix(loss=f"{result.loss:.4g}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
             record["last"] = result.loss
@@ -233,14 +254,19 @@ class Trainer:
             )
 
     def _save(self, name: str, optimizer, scheduler) -> None:
-        payload = None if optimizer is None else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        payload = (
+            None if optimizer is None else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        )
         save_checkpoint(self.run_dir, name, self.student, payload, self.state, self.cfg.trainer.keep_checkpoints)
 
     def summary(self) -> str:
         """Markdown: per-stage loss (mean of the first 3 steps -> of the last 3), held-out perplexity."""
         r = self.state.results
-        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-        lines = ["| after | loss | tokens | loss, first 3 steps -> last 3 | held-out perplexity |", "|---|---|---|---|---|"]
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+        lines = [
+            "| after | loss | tokens | loss, first 3 steps -> last 3 | held-out perplexity |",
+            "|---|---|---|---|---|",
+        ]
         if "ppl_teacher" in r:
             lines.append(f"| teacher | | | | {r['ppl_teacher']:.2f} |")
         if "ppl_student_init" in r:
@@ -253,8 +279,10 @@ class Trainer:
             loss = f"{mean(s.get('first', [])):.4g} -> {mean(s.get('recent', [])):.4g}"
             lines.append(f"| {name} | {self.cfg.stages[name].loss} | {s.get('tokens', 0)} | {loss} | {ppl} |")
         ssd = self.student.ssd_layers
-        head = (f"Student: {len(ssd)} of {self.teacher.num_layers} layers converted to SSD ({self.cfg.student.form}); "
-                f"SSD layers {ssd}.\n\n")
+        head = (
+            f"Student: {len(ssd)} of {self.teacher.num_layers} layers converted to SSD ({self.cfg.student.form}); "
+            f"SSD layers {ssd}.\n\n"
+        )
         return head + "\n".join(lines) + "\n"
 
 

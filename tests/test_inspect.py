@@ -19,7 +19,7 @@ def test_inspect_a_run(tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert len(list(out.glob("matrices_layer*.png"))) == 3
     summary = (out / "summary.md").read_text()
-    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.e+-]+) \| ([\d.e+-]+) \|$", summary, flags=re.M)
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.e+-]+) \| ([\d.e+-]+) \|$", summary, flags=re.MULTILINE)
     assert sorted(int(r[1]) for r in rows) == [0, 1, 2, 3]  # every SSD layer, once
     # The stage-1 number of one layer equals an independent computation on the same held-out batch.
     run = load_run(run_dir)

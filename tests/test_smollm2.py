@@ -6,7 +6,6 @@ Skipped where PyPI cannot be reached and the file is not in the cache (DISTILL_C
 import dataclasses
 
 import pytest
-import torch
 
 from tests.conftest import teacher_config
 from tests.test_teachers import eager_reference, rel

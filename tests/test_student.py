@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from distill.config import StudentConfig
-from distill.kernels import reference
 from distill.models.transfer import build_student
 
 
@@ -54,8 +53,9 @@ def test_transfer_maps_qkvo(tiny_teacher):
     assert torch.equal(mixer.out_proj.weight, o.weight)
     # The gate starts closed: a converted layer adds nothing until stage 2 opens it.
     assert torch.equal(inputs.z, torch.zeros_like(inputs.z))
+    bias = mixer.out_proj.bias if mixer.out_proj.bias is not None else 0.0
     with torch.no_grad():
-        assert torch.equal(mixer(hidden)[0], torch.zeros_like(hidden) + (mixer.out_proj.bias if mixer.out_proj.bias is not None else 0))
+        assert torch.equal(mixer(hidden)[0], torch.zeros_like(hidden) + bias)
 
 
 def test_everything_else_is_copied(tiny_teacher):

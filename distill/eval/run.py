@@ -34,20 +34,32 @@ def _models(cfg: EvalCommandConfig) -> tuple[dict, object, Path]:
         models["student"] = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return models, tokenizer, Path(cfg.out or path / "eval" / "results")
-    raise ConfigError(f"checkpoint={cfg.checkpoint!r} is neither a run folder (config.yaml) nor an export (config.json)")
+    raise ConfigError(
+        f"checkpoint={cfg.checkpoint!r} is neither a run folder (config.yaml) nor an export (config.json)"
+    )
 
 
 def run_eval(cfg: EvalCommandConfig) -> tuple[dict, str]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     models, tokenizer, stem = _models(cfg)
     columns = {}
     limit = int(cfg.limit) if cfg.limit is not None and cfg.limit >= 1 else cfg.limit
     for name, model in models.items():
         dtype = torch.bfloat16 if cfg.precision == "bf16" and device.type == "cuda" else torch.float32
         model.to(device=device, dtype=dtype).eval()
-        columns[name] = evaluate(model, tokenizer, cfg.tasks, data_dir=cfg.data_dir, limit=limit,
-                                 batch_size=cfg.batch_size, max_length=cfg.max_length)
+        columns[name] = evaluate(
+            model,
+            tokenizer,
+            cfg.tasks,
+            data_dir=cfg.data_dir,
+            limit=limit,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+        )
         model.to("cpu")
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_results(stem, columns)

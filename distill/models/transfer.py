@@ -83,7 +83,7 @@ def transfer_attention(teacher: Teacher, idx: int, mixer: SSDMixer) -> None:
             None if q.bias is None else q.bias * softmax_scale,
         ),
     }
-    for name, (where, weight, bias) in rows.items():
+    for where, weight, bias in rows.values():
         mixer.in_proj.weight[where] = weight.float()
         mixer.in_proj.bias[where] = 0.0 if bias is None else bias.float()
     mixer.out_proj.weight.copy_(o.weight.float())

@@ -6,10 +6,10 @@ from functools import partial
 
 from torch import nn
 
+from .common import StepResult  # noqa: F401  (re-exported)
 from .stage1 import matrix_step
 from .stage2 import hidden_step
 from .stage3 import logits_step
-from .common import StepResult  # noqa: F401  (re-exported)
 
 
 def stage_step(stage):

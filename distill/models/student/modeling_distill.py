@@ -23,7 +23,6 @@ from transformers.models.phi.modeling_phi import PhiForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
 from .configuration_distill import DistillLlamaConfig, DistillPhiConfig, DistillQwen2Config, MixerSpec
-
 from .ssd_kernels import causal_conv1d, ssd, ssd_matrix
 
 

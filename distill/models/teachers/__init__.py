@@ -48,7 +48,7 @@ class Teacher:
     def max_positions(self) -> int:
         return self.model.config.max_position_embeddings
 
-    def to(self, device) -> "Teacher":
+    def to(self, device) -> Teacher:
         self.model.to(device)
         return self
 
