@@ -113,34 +113,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil a pretrained Transformer into an SSD (Mamba-2) or hybrid student, MOHAWK-style.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train = sub.add_parser(
-        "train",
-        help="run the distillation stages (default: stage 1 -> 2 -> 3) into a run folder; resumes if it exists",
-        description="Run the pipeline's stages into run_dir; started again on the same run_dir, it resumes.",
-        epilog=GROUPS_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+
+    def command(name, func, help, description, epilog):
+        cmd = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.set_defaults(func=func)
+        return cmd
+
+    train = command(
+        "train", cmd_train,
+        "run the distillation stages (default: stage 1 -> 2 -> 3) into a run folder; resumes if it exists",
+        "Run the pipeline's stages into run_dir; started again on the same run_dir, it resumes.",
+        GROUPS_HELP,
     )
     train.add_argument("--cfg", nargs="?", const="job", metavar="job", help="print the composed config and exit")
     train.add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE or GROUP=NAME")
-    train.set_defaults(func=cmd_train)
-    ev = sub.add_parser(
-        "eval",
-        help="score a run's student beside its teacher (or an export, or a teacher) with lm-eval",
-        description="Run lm-eval (offline twins or standard tasks) and write a JSON file and a Markdown table.",
-        epilog=EVAL_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ev.add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
-    ev.set_defaults(func=cmd_eval)
-    insp = sub.add_parser(
-        "inspect",
-        help="draw teacher attention beside the student's mixing matrices and rank layers by how badly they fit",
-        description="Pictures and a per-layer fit ranking of a run's student (the hint for a hybrid's layers).",
-        epilog=INSPECT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    insp.add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
-    insp.set_defaults(func=cmd_inspect)
+    command(
+        "eval", cmd_eval,
+        "score a run's student beside its teacher (or an export, or a teacher) with lm-eval",
+        "Run lm-eval (offline twins or standard tasks) and write a JSON file and a Markdown table.",
+        EVAL_HELP,
+    ).add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
+    command(
+        "inspect", cmd_inspect,
+        "draw teacher attention beside the student's mixing matrices and rank layers by how badly they fit",
+        "Pictures and a per-layer fit ranking of a run's student (the hint for a hybrid's layers).",
+        INSPECT_HELP,
+    ).add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
     return parser
 
 
