@@ -12,6 +12,7 @@ import torch
 from .data import build_data
 from .run_folder import load_run
 from .stages.common import autocast
+from .stages.stage1 import layer_matrix_loss
 
 
 @dataclass
@@ -40,11 +41,9 @@ def layer_fits(run, batches: list[torch.Tensor], precision: str = "fp32") -> lis
         captured = teacher.capture(ids, student.ssd_layers).layers
         for i in student.ssd_layers:
             record, block = captured[i], student.model.layers[i]
+            sums[i][0] += layer_matrix_loss(block, record, precision).item()
             with autocast(ids.device, precision):
-                M = block.self_attn.mixing_matrix(block.input_layernorm(record.block_input.float()))
                 out = block(record.block_input.float())
-            A = record.attention_matrix()
-            sums[i][0] += (A - M.float()).flatten(2).norm(dim=-1).mean().item()
             target = record.block_output.float()
             sums[i][1] += ((out.float() - target).norm() / target.norm()).item()
     n = len(batches)

@@ -13,18 +13,21 @@ from .. import kernels
 from .common import StepResult, autocast
 
 
+def layer_matrix_loss(block, record, precision: str) -> torch.Tensor:
+    """One layer's stage-1 loss: its mixer on the teacher's layer input against the teacher's attention."""
+    with autocast(record.block_input.device, precision):
+        inputs, _ = block.self_attn.ssd_inputs(block.input_layernorm(record.block_input.float()))
+    return kernels.stage1_loss(
+        record.q, record.k, record.softmax_scale, inputs.log_a, inputs.B.float(), inputs.C.float(), inputs.scale
+    )
+
+
 def matrix_step(student, teacher, input_ids: torch.Tensor, precision: str) -> StepResult:
     with autocast(input_ids.device, precision):
         captured = teacher.capture(input_ids, student.ssd_layers).layers
     per_layer = {}
     for idx in student.ssd_layers:
-        record = captured[idx]
-        block = student.model.layers[idx]
-        with autocast(input_ids.device, precision):
-            inputs, _ = block.self_attn.ssd_inputs(block.input_layernorm(record.block_input.float()))
-        loss = kernels.stage1_loss(
-            record.q, record.k, record.softmax_scale, inputs.log_a, inputs.B.float(), inputs.C.float(), inputs.scale
-        )
+        loss = layer_matrix_loss(student.model.layers[idx], captured[idx], precision)
         loss.backward()
         per_layer[idx] = loss.item()
     return StepResult(loss=sum(per_layer.values()) / len(per_layer), per_layer=per_layer)
