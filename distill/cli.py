@@ -83,6 +83,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    cfg = compose(args.overrides, "export")
+    from .export import export_run
+
+    out = export_run(cfg.checkpoint, cfg.out)
+    print(f"exported to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0
+
+
 INSPECT_HELP = """overrides:
   checkpoint=RUN_DIR   a `distill train` run folder (required)
   out=DIR              where to write (default: RUN_DIR/inspect)
@@ -133,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         "score a run's student beside its teacher (or an export, or a teacher) with lm-eval",
         "Run lm-eval (offline twins or standard tasks) and write a JSON file and a Markdown table.",
         EVAL_HELP,
+    ).add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
+    command(
+        "export", cmd_export,
+        "write a run's student as a Hugging Face folder (remote code) that transformers and lm-eval load",
+        "Export the student at the run's latest checkpoint: config.json with auto_map, safetensors, tokenizer, "
+        "and the student's modeling and kernel files.",
+        "overrides:\n  checkpoint=RUN_DIR out=DIR\n",
     ).add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
     command(
         "inspect", cmd_inspect,

@@ -136,7 +136,16 @@ class InspectCommandConfig:
     device: str = "cpu"
 
 
+@dataclass
+class ExportCommandConfig:
+    """`distill export`: a run's student as a Hugging Face folder (remote code, safetensors, tokenizer)."""
+
+    checkpoint: str = MISSING  # a run folder
+    out: str = MISSING  # the folder to write
+
+
 ConfigStore.instance().store(name="base_config", node=Config)
+ConfigStore.instance().store(name="export_config", node=ExportCommandConfig)
 ConfigStore.instance().store(name="inspect_config", node=InspectCommandConfig)
 ConfigStore.instance().store(name="eval_config", node=EvalCommandConfig)
 

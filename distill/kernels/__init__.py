@@ -40,54 +40,59 @@ def get_backend() -> str:
     return _backend
 
 
-def _triton_module(name: str):
+def _triton_function(name: str):
+    """The Triton kernel `name` ("ssd", "step", "stage1"), or None where triton cannot be imported.
+
+    Written as `from .module import function`: transformers finds an exported model's relative imports by that
+    pattern and copies those files beside it, so an export keeps its GPU kernels.
+    """
     try:
         if name == "ssd":
-            from . import triton_ssd as module
+            from .triton_ssd import ssd_chunked_triton as kernel
         elif name == "step":
-            from . import triton_step as module
+            from .triton_step import ssd_step_triton as kernel
         else:
-            from . import triton_stage1 as module
+            from .triton_stage1 import stage1_loss_triton as kernel
     except ImportError:
         return None
-    return module
+    return kernel
 
 
 def _use_triton(t: torch.Tensor, name: str):
-    """The Triton module to use for tensor `t`, or None for the PyTorch reference.
+    """The Triton kernel to use for tensor `t`, or None for the PyTorch reference.
 
     float64 always takes the reference: the kernels compute in fp32 (tests compare them against float64).
     """
     if _backend == "torch" or (_backend == "auto" and (not t.is_cuda or t.dtype == torch.float64)):
         return None
-    module = _triton_module(name)
-    if module is None and _backend == "triton":
+    kernel = _triton_function(name)
+    if kernel is None and _backend == "triton":
         raise RuntimeError(
             f"kernels.backend=triton but the Triton {name} kernel cannot be imported: install triton "
             "(pip install 'distill[triton]') or set kernels.backend=torch"
         )
-    return module
+    return kernel
 
 
 def ssd(x, log_a, B, C, scale=None, D=None, initial_state=None, chunk_size: int = 64):
     """Chunked SSD scan (see reference.ssd_chunked for shapes); returns (y, final_state)."""
-    module = _use_triton(x, "ssd")
-    if module is not None:
-        return module.ssd_chunked_triton(x, log_a, B, C, scale, D, initial_state, chunk_size)
+    kernel = _use_triton(x, "ssd")
+    if kernel is not None:
+        return kernel(x, log_a, B, C, scale, D, initial_state, chunk_size)
     return reference.ssd_chunked(x, log_a, B, C, scale, D, initial_state, chunk_size)
 
 
 def ssd_decode_step(state, x, log_a, B, C, scale=None, D=None):
     """One recurrent SSD step (see reference.ssd_step); returns (y, new_state)."""
-    module = _use_triton(x, "step")
-    if module is not None:
-        return module.ssd_step_triton(state, x, log_a, B, C, scale, D)
+    kernel = _use_triton(x, "step")
+    if kernel is not None:
+        return kernel(state, x, log_a, B, C, scale, D)
     return reference.ssd_step(state, x, log_a, B, C, scale, D)
 
 
 def stage1_loss(q, k, softmax_scale, log_a, B, C, scale=None):
     """MOHAWK stage-1 loss (see reference.stage1_loss); the fused kernel never builds an L x L matrix."""
-    module = _use_triton(q, "stage1")
-    if module is not None:
-        return module.stage1_loss_triton(q, k, softmax_scale, log_a, B, C, scale)
+    kernel = _use_triton(q, "stage1")
+    if kernel is not None:
+        return kernel(q, k, softmax_scale, log_a, B, C, scale)
     return reference.stage1_loss(q, k, softmax_scale, log_a, B, C, scale)

@@ -1,0 +1,64 @@
+"""`distill export`: a student as a Hugging Face folder that plain transformers and stock lm-eval load.
+
+The folder holds config.json (with `auto_map`), safetensors weights, the tokenizer, and the student's own code as
+remote code: the modeling and configuration files copied from distill/models/student/, and the kernel files copied
+from distill/kernels/ (its __init__.py written as ssd_kernels.py, the name the modeling file imports). Files are
+copied, never rewritten, so an export runs exactly the code that was trained. Written to a temporary folder, then
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .models import student as student_package
+
+STUDENT_DIR = Path(student_package.__file__).parent
+KERNELS_DIR = Path(__file__).parent / "kernels"
+
+
+def _kernel_files() -> dict[str, Path]:
+    """Export name -> source file: the dispatcher as ssd_kernels.py, then the kernels it imports relatively."""
+    files = {"ssd_kernels.py": KERNELS_DIR / "__init__.py"}
+    for path in sorted(KERNELS_DIR.glob("*.py")):
+        if path.name != "__init__.py":
+            files[path.name] = path
+    return files
+
+
+def export_student(student, tokenizer, out_dir: str | Path) -> Path:
+    """Write `student` (a distill student model) and `tokenizer` as a Hugging Face folder at `out_dir`."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config_class, model_class = type(student.config).__name__, type(student).__name__
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        student.config.auto_map = {
+            "AutoConfig": f"configuration_distill.{config_class}",
+            "AutoModelForCausalLM": f"modeling_distill.{model_class}",
+        }
+        student.config.architectures = [model_class]
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name in ("configuration_distill.py", "modeling_distill.py"):
+            shutil.copyfile(STUDENT_DIR / name, tmp / name)
+        for name, source in _kernel_files().items():
+            shutil.copyfile(source, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Export the student of a `distill train` run folder at its latest checkpoint."""
+    from .run_folder import load_run
+
+    run = load_run(run_dir)
+    return export_student(run.student, run.teacher.tokenizer, out_dir)
