@@ -63,7 +63,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
-    """A run folder keeps one config: refuse to resume it with a different one, naming the differences."""
+    """A run folder keeps one config: refuse to resume it with a different one, naming the differences.
+
+    A new folder's config is saved by `save_config` once everything has been checked, so a run refused for bad
+    input leaves nothing behind that would then refuse the corrected command.
+    """
     saved_path = run_dir / "config.yaml"
     new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     if saved_path.exists():
@@ -76,9 +80,12 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
                 f"run_dir={run_dir} was started with another config ({shown}); "
                 "resume it with the same overrides, or choose a new run_dir"
             )
-    else:
+
+
+def save_config(run_dir: Path, cfg: Config) -> None:
+    if not (run_dir / "config.yaml").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), saved_path)
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
 
 
 class MetricsLog:
@@ -139,6 +146,7 @@ class Trainer:
         if checkpoint is not None:
             self.state, self.payload = load_checkpoint(checkpoint, self.student)
             set_rng_state(self.payload["rng"])
+        save_config(self.run_dir, cfg)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state if checkpoint else None)
 
     def heldout(self, model) -> float:

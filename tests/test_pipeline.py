@@ -104,6 +104,7 @@ def test_bad_input_stops_with_one_clear_line(tmp_path, capsys, overrides, messag
     assert main(["train", "experiment=tiny", f"run_dir={tmp_path}", *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("distill: error:") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "config.yaml").exists()  # the corrected command is not refused as a conflicting resume
 
 
 def test_empty_data_file_is_refused(tmp_path, capsys):
