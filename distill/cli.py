@@ -12,7 +12,8 @@ import sys
 GROUPS_HELP = """configuration groups (pick one with GROUP=NAME):
   teacher      smollm2 (default), phi-1_5, llama-3.2-1b, tiny-llama, tiny-phi
   student      discrete (Phi-Mamba mixer, default), mamba2
-  data         gutenberg-sample (bundled, default), c4 (hub)
+  data         gutenberg-sample (bundled, default), c4 (hub); mix in generated text with
+               data.mix_path=DIR/shard-*.jsonl.gz data.mix_fraction=0.5 data.token_field=input_ids
   stages       mohawk (stage1 matrix, stage2 hidden, stage3 logits)
   trainer      default
   experiment   cpu_demo (default), tiny; ~experiment drops the preset
@@ -73,6 +74,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    cfg = compose(args.overrides, "generate")
+    from .generate import generate
+
+    result = generate(cfg)
+    print(
+        f"{result['tokens']} tokens in {result['shards']} shards in {result['out']} "
+        f"({result['generated_now']} now, {result['tokens_per_s']:.0f} tokens/s)\n"
+        f"train on them: data.mix_path={result['out']}/shard-*.jsonl.gz data.mix_fraction=0.5 "
+        "data.token_field=input_ids"
+    )
+    return 0
+
+
 def cmd_inspect(args) -> int:
     cfg = compose(args.overrides, "inspect")
     from .inspect import inspect_run
@@ -90,6 +105,18 @@ def cmd_export(args) -> int:
     out = export_run(cfg.checkpoint, cfg.out)
     print(f"exported to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
     return 0
+
+
+GENERATE_HELP = """overrides:
+  out=DIR tokens=N          the shard folder and how many tokens to generate (resumes if DIR has shards)
+  teacher=NAME              the teacher group (default smollm2); data=NAME the prompts' text (default bundled)
+  prompts=data|chat         prefixes of the data's text (prompt_tokens=32), or the chat template's reply start
+  new_tokens=512 batch_size=256 temperature=1.0 top_p=0.95 seed=0 device=auto precision=bf16 cuda_graph=true
+
+writes DIR/shard-NNNNN.jsonl.gz (one JSON line per sequence: text, input_ids, prompt_tokens) and
+DIR/progress.json; train on them with data.mix_path=DIR/shard-*.jsonl.gz data.mix_fraction=F
+data.token_field=input_ids.
+"""
 
 
 INSPECT_HELP = """overrides:
@@ -137,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--cfg", nargs="?", const="job", metavar="job", help="print the composed config and exit")
     train.add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE or GROUP=NAME")
+    command(
+        "generate", cmd_generate,
+        "let the teacher write training text (sampled continuations) into resumable shards",
+        "Sample continuations from the teacher, batched, with a static KV cache and CUDA graphs on a GPU.",
+        GENERATE_HELP,
+    ).add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE or GROUP=NAME")
     command(
         "eval", cmd_eval,
         "score a run's student beside its teacher (or an export, or a teacher) with lm-eval",

@@ -55,6 +55,13 @@ class DataConfig:
     hub_config: str | None = None
     holdout_tokens: int = 0  # tokens kept apart (from the end of the stream) for held-out perplexity
     seed: int = 0  # shuffles the order of packed sequences
+    # A column of pre-tokenized ids, used where a file has it (`distill generate` writes "input_ids"); files
+    # without it are tokenized from text_field. Empty: always tokenize the text.
+    token_field: str = ""
+    # A second source mixed into training (e.g. `distill generate`'s shards, "runs/gen/shard-*.jsonl.gz"): this
+    # fraction of the training sequences come from it (0: none, 1: all; held-out perplexity stays on `path`).
+    mix_path: str = ""
+    mix_fraction: float = 0.0
 
 
 @dataclass
@@ -137,6 +144,27 @@ class InspectCommandConfig:
 
 
 @dataclass
+class GenerateCommandConfig:
+    """`distill generate`: the teacher writes training text, in shards a data config reads (data.mix_path)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # prompts=data: prompts are prefixes of this text
+    out: str = MISSING  # the shard folder (resumes if it exists)
+    tokens: int = MISSING  # generated tokens to write (prompts not counted); the last shard may pass it
+    prompts: str = "data"  # "data" (prefixes of real text) or "chat" (the chat template's start of a reply)
+    prompt_tokens: int = 32  # prompts=data: the prefix length
+    new_tokens: int = 512  # tokens generated per sequence (fewer where the teacher ends it with EOS)
+    batch_size: int = 256  # sequences per shard, generated together
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 0.95
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "bf16"  # the teacher's weights on the GPU: bf16 or fp32 (the CPU always uses fp32)
+    cuda_graph: bool = True  # Llama-family teachers: replay each decode step as one CUDA graph
+    progress: bool = True
+
+
+@dataclass
 class ExportCommandConfig:
     """`distill export`: a run's student as a Hugging Face folder (remote code, safetensors, tokenizer)."""
 
@@ -146,6 +174,7 @@ class ExportCommandConfig:
 
 ConfigStore.instance().store(name="base_config", node=Config)
 ConfigStore.instance().store(name="export_config", node=ExportCommandConfig)
+ConfigStore.instance().store(name="generate_config", node=GenerateCommandConfig)
 ConfigStore.instance().store(name="inspect_config", node=InspectCommandConfig)
 ConfigStore.instance().store(name="eval_config", node=EvalCommandConfig)
 

@@ -4,11 +4,16 @@ Documents are read through `datasets` (local json/jsonl/txt files, gzip'ed or no
 the teacher's tokenizer, joined with EOS between documents and cut into sequences of `seq_len` tokens. The last
 `holdout_tokens` of the stream are kept apart for held-out perplexity. A position (the number of sequences consumed)
 is all a checkpoint needs to resume the stream exactly.
+
+A second source can be mixed in (`data.mix_path`, e.g. the shards `distill generate` writes): a fixed fraction of
+the training sequences come from it, interleaved deterministically, so one position still resumes both streams.
+Held-out perplexity is always measured on the primary source.
 """
 
 from __future__ import annotations
 
 import glob
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,27 +41,58 @@ def resolve_files(path: str) -> list[str] | None:
     return files
 
 
-def load_texts(cfg: DataConfig) -> list[str]:
-    """The documents of the data config, in file order."""
+def _load_dataset(path: str, cfg: DataConfig):
     import datasets
 
-    files = resolve_files(cfg.path)
+    files = resolve_files(path)
     try:
         if files is None:
-            ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=cfg.split)
+            ds = datasets.load_dataset(path, cfg.hub_config, split=cfg.split)
         else:
             is_text = all(f.removesuffix(".gz").endswith(".txt") for f in files)
             ds = datasets.load_dataset("text" if is_text else "json", data_files=files, split="train")
     except Exception as err:  # datasets raises many types; all mean the same to the user
-        raise ConfigError(f"cannot read data.path={cfg.path!r}: {type(err).__name__}: {err}") from err
-    field = "text" if files is not None and all(f.removesuffix(".gz").endswith(".txt") for f in files) else None
-    field = field or cfg.text_field
+        raise ConfigError(f"cannot read data path {path!r}: {type(err).__name__}: {err}") from err
+    is_text = files is not None and all(f.removesuffix(".gz").endswith(".txt") for f in files)
+    return ds, is_text
+
+
+def load_texts(cfg: DataConfig, path: str | None = None) -> list[str]:
+    """The documents of the data config (or of another `path` read the same way), in file order."""
+    path = path or cfg.path
+    ds, is_text = _load_dataset(path, cfg)
+    field = "text" if is_text else cfg.text_field
     if field not in ds.column_names:
-        raise ConfigError(f"data.text_field={cfg.text_field!r} is not a column of {cfg.path!r}: {ds.column_names}")
+        raise ConfigError(f"data.text_field={cfg.text_field!r} is not a column of {path!r}: {ds.column_names}")
     texts = [t for t in ds[field] if t and t.strip()]
     if not texts:
-        raise ConfigError(f"data.path={cfg.path!r} holds no text in field {field!r}")
+        raise ConfigError(f"data path {path!r} holds no text in field {field!r}")
     return texts
+
+
+def load_tokens(cfg: DataConfig, tokenizer, path: str | None = None) -> torch.Tensor:
+    """One token stream from `path` (default data.path): pre-tokenized ids where the files have data.token_field
+    (as `distill generate` writes them), else the text tokenized by the teacher's tokenizer; EOS between documents."""
+    path = path or cfg.path
+    if cfg.token_field:
+        ds, is_text = _load_dataset(path, cfg)
+        if not is_text and cfg.token_field in ds.column_names:
+            eos = tokenizer.eos_token_id
+            ids: list[int] = []
+            for doc in ds[cfg.token_field]:
+                ids.extend(doc)
+                if not doc or doc[-1] != eos:
+                    ids.append(eos)
+            tokens = torch.tensor(ids, dtype=torch.int64)
+            vocab = len(tokenizer)
+            if len(tokens) and int(tokens.max()) >= vocab:
+                raise ConfigError(
+                    f"{path!r}: data.token_field={cfg.token_field!r} holds token id {int(tokens.max())}, outside "
+                    f"the teacher's vocabulary of {vocab}: these ids come from another tokenizer; set data.token_field="
+                    "'' to tokenize the text instead"
+                )
+            return tokens
+    return tokenize(load_texts(cfg, path), tokenizer)
 
 
 def tokenize(texts: list[str], tokenizer) -> torch.Tensor:
@@ -75,40 +111,65 @@ def tokenize(texts: list[str], tokenizer) -> torch.Tensor:
 class PackedData:
     """A token stream cut into sequences; batches come in a seeded order, epoch after epoch."""
 
-    def __init__(self, tokens: torch.Tensor, holdout_tokens: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        holdout_tokens: int = 0,
+        seed: int = 0,
+        mix_tokens: torch.Tensor | None = None,
+        mix_fraction: float = 0.0,
+    ):
         if holdout_tokens >= len(tokens):
             raise ConfigError(
                 f"data.holdout_tokens={holdout_tokens} leaves nothing to train on ({len(tokens)} tokens): lower it"
             )
         split = len(tokens) - holdout_tokens
         self.train, self.holdout, self.seed = tokens[:split], tokens[split:], seed
+        self.mix, self.mix_fraction = (mix_tokens, mix_fraction) if mix_fraction > 0 else (None, 0.0)
 
     def num_sequences(self, seq_len: int) -> int:
         return len(self.train) // seq_len
 
+    def _source_index(self, p: int) -> tuple[int, int]:
+        """(source, index within that source's stream) of global sequence p: sequence p comes from the mixed-in
+        source when floor((p + 1) f) > floor(p f), which puts exactly floor(p f) of the first p sequences there."""
+        f = self.mix_fraction
+        if not f:
+            return 0, p
+        before = math.floor(p * f)
+        return (1, before) if math.floor((p + 1) * f) > before else (0, p - before)
+
     def batches(self, batch_size: int, seq_len: int, position: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (position after this batch, LongTensor (batch_size, seq_len)), starting at sequence `position`.
 
-        Sequence `position` is the n-th of an endless sequence of epochs, each a fresh seeded permutation.
+        Each source's stream is an endless sequence of epochs, each a fresh seeded permutation of its sequences.
         """
-        n = self.num_sequences(seq_len)
-        if n < batch_size:
-            raise ConfigError(
-                f"the data gives {n} sequences of {seq_len} tokens, fewer than one batch of {batch_size}: "
-                "use more data or a smaller batch_size/seq_len"
-            )
-        sequences = self.train[: n * seq_len].view(n, seq_len)
-        order_epoch, order = -1, None
+        streams = [self.train] + ([self.mix] if self.mix is not None else [])
+        names = ["data.path", "data.mix_path"]
+        sequences, orders = [], [{}, {}]
+        for stream, name in zip(streams, names):
+            n = len(stream) // seq_len
+            if n < (batch_size if name == "data.path" and self.mix is None else 1):
+                raise ConfigError(
+                    f"{name} gives {n} sequences of {seq_len} tokens, fewer than one batch of {batch_size}: "
+                    "use more data or a smaller batch_size/seq_len"
+                )
+            sequences.append(stream[: n * seq_len].view(n, seq_len))
+
+        def row(source: int, index: int) -> torch.Tensor:
+            n = len(sequences[source])
+            epoch, i = divmod(index, n)
+            cache = orders[source]
+            if epoch not in cache:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + source * 7_919)
+                cache.clear()
+                cache[epoch] = torch.randperm(n, generator=g)
+            return sequences[source][cache[epoch][i]]
+
         while True:
-            rows = []
-            for p in range(position, position + batch_size):
-                epoch, index = divmod(p, n)
-                if epoch != order_epoch:
-                    g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                    order, order_epoch = torch.randperm(n, generator=g), epoch
-                rows.append(order[index])
+            rows = [row(*self._source_index(p)) for p in range(position, position + batch_size)]
             position += batch_size
-            yield position, sequences[torch.stack(rows)]
+            yield position, torch.stack(rows)
 
     def holdout_batches(self, batch_size: int, seq_len: int, max_batches: int) -> list[torch.Tensor]:
         n = len(self.holdout) // seq_len
@@ -121,4 +182,9 @@ class PackedData:
 
 
 def build_data(cfg: DataConfig, tokenizer) -> PackedData:
-    return PackedData(tokenize(load_texts(cfg), tokenizer), cfg.holdout_tokens, cfg.seed)
+    if not 0.0 <= cfg.mix_fraction <= 1.0:
+        raise ConfigError(f"data.mix_fraction={cfg.mix_fraction} must be between 0 and 1")
+    if cfg.mix_fraction > 0 and not cfg.mix_path:
+        raise ConfigError("data.mix_fraction > 0 needs data.mix_path (e.g. the shards of `distill generate`)")
+    mix = load_tokens(cfg, tokenizer, cfg.mix_path) if cfg.mix_fraction > 0 else None
+    return PackedData(load_tokens(cfg, tokenizer), cfg.holdout_tokens, cfg.seed, mix, cfg.mix_fraction)
