@@ -111,7 +111,7 @@ GENERATE_HELP = """overrides:
   out=DIR tokens=N          the shard folder and how many tokens to generate (resumes if DIR has shards)
   teacher=NAME              the teacher group (default smollm2); data=NAME the prompts' text (default bundled)
   prompts=data|chat         prefixes of the data's text (prompt_tokens=32), or the chat template's reply start
-  new_tokens=512 batch_size=256 temperature=1.0 top_p=0.95 seed=0 device=auto precision=bf16 cuda_graph=true
+  new_tokens=512 batch_size=1024 temperature=1.0 top_p=0.95 seed=0 device=auto precision=bf16 cuda_graph=true
 
 writes DIR/shard-NNNNN.jsonl.gz (one JSON line per sequence: text, input_ids, prompt_tokens) and
 DIR/progress.json; train on them with data.mix_path=DIR/shard-*.jsonl.gz data.mix_fraction=F

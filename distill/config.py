@@ -154,7 +154,7 @@ class GenerateCommandConfig:
     prompts: str = "data"  # "data" (prefixes of real text) or "chat" (the chat template's start of a reply)
     prompt_tokens: int = 32  # prompts=data: the prefix length
     new_tokens: int = 512  # tokens generated per sequence (fewer where the teacher ends it with EOS)
-    batch_size: int = 256  # sequences per shard, generated together
+    batch_size: int = 1024  # sequences per shard, generated together (large batches keep a GPU busy)
     temperature: float = 1.0  # 0: greedy
     top_p: float = 0.95
     seed: int = 0

@@ -58,6 +58,18 @@ def test_top_p_keeps_the_nucleus_only():
     assert abs(share - 0.5 / 0.8) < 0.05
 
 
+def test_top_p_past_the_top_k_sorts_those_rows(monkeypatch):
+    from distill.models.teachers import decode
+
+    monkeypatch.setattr(decode, "TOP_K", 2)
+    wide = torch.log(torch.tensor([0.3, 0.3, 0.2, 0.2]))  # top_p 0.9 needs all four: past the top 2
+    narrow = torch.log(torch.tensor([0.9, 0.05, 0.03, 0.02]))  # top_p 0.9 needs token 0 only
+    logits = torch.stack([wide, narrow] * 1000)
+    drawn = sample(logits, 1.0, 0.9, torch.Generator().manual_seed(0)).view(1000, 2)
+    assert set(drawn[:, 0].tolist()) == {0, 1, 2, 3}
+    assert set(drawn[:, 1].tolist()) == {0}
+
+
 def _gen_cfg(tmp_path, *overrides, name="gen"):
     return compose(
         [
@@ -156,3 +168,21 @@ def test_mix_refuses_bad_settings(tiny_llama):
     tokens = torch.arange(100)
     data = PackedData(tokens, 0, 0, torch.arange(50), 0.0)
     assert data.mix is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_step_equals_eager_step(tiny_llama):
+    model = tiny_llama.model.cuda()
+    try:
+        torch.manual_seed(3)
+        ids = torch.randint(0, model.config.vocab_size, (4, 30), device="cuda")
+        eager, graph = (StaticDecoder(model, 4, 32, cuda_graph=g, bucket=8) for g in (False, True))
+        for dec in (eager, graph):
+            dec.prefill(ids[:, :10])
+        for t in range(10, 30):
+            a, b = eager.step(ids[:, t]), graph.step(ids[:, t])
+            assert _rel(b, a) < 1e-5, t
+        assert sorted(graph._graphs) == [16, 24, 32]  # one graph per bucket of 8 positions reached
+    finally:
+        model.cpu()
