@@ -78,8 +78,11 @@ class StageConfig:
     grad_clip: float = 1.0
     # "mixers" (the SSD mixers), "ssd_blocks" (the converted blocks: mixer, MLP, norms), "all_but_embeddings", "all"
     trainable: str = "mixers"
-    temperature: float = 1.0  # logits: KL(teacher || student) at this temperature, scaled by T^2
-    ce_weight: float = 0.0  # logits: weight of next-token cross-entropy added to the KL
+    temperature: float = 1.0  # logits: the divergence at this temperature, scaled by T^2
+    ce_weight: float = 0.0  # logits: weight of next-token cross-entropy added to the divergence
+    divergence: str = "forward_kl"  # logits: forward_kl (teacher || student), reverse_kl, or jsd (generalized JSD)
+    jsd_beta: float = 0.5  # logits, jsd: the mixture weight of the teacher, 0 < beta < 1
+    chunk_tokens: int = 1024  # logits: tokens per chunk of the fused LM-head loss (memory ~ chunk x vocabulary)
 
 
 @dataclass
@@ -179,6 +182,7 @@ ConfigStore.instance().store(name="inspect_config", node=InspectCommandConfig)
 ConfigStore.instance().store(name="eval_config", node=EvalCommandConfig)
 
 LOSSES = ("matrix", "hidden", "logits")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TRAINABLE = ("mixers", "ssd_blocks", "all_but_embeddings", "all")
 # Keys that may differ when a run folder is resumed: they change how a run is watched, not what it computes.
 RESUME_FREE_KEYS = ("trainer.progress", "trainer.log_every", "trainer.device", "run_dir", "eval")
@@ -209,6 +213,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"stages.{name}.loss={st.loss!r}: use one of {LOSSES}")
         if st.trainable not in TRAINABLE:
             raise ConfigError(f"stages.{name}.trainable={st.trainable!r}: use one of {TRAINABLE}")
+        if st.divergence not in DIVERGENCES:
+            raise ConfigError(f"stages.{name}.divergence={st.divergence!r}: use one of {DIVERGENCES}")
+        if st.divergence == "jsd" and not 0 < st.jsd_beta < 1:
+            raise ConfigError(
+                f"stages.{name}.jsd_beta={st.jsd_beta} must be strictly between 0 and 1 (the JSD vanishes at the "
+                "ends): for its limits use divergence=forward_kl or reverse_kl"
+            )
+        if st.chunk_tokens <= 0 or st.temperature <= 0:
+            raise ConfigError(f"stages.{name}.chunk_tokens and temperature must be positive")
         if st.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"stages.{name}.schedule={st.schedule!r}: use cosine, linear or constant")
         for key in ("tokens", "batch_size", "seq_len"):

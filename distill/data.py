@@ -24,7 +24,7 @@ from .config import ConfigError, DataConfig
 PACKAGE_PREFIX = "pkg://"
 
 
-def resolve_files(path: str) -> list[str] | None:
+def resolve_files(path: str, key: str = "data.path") -> list[str] | None:
     """The local files named by `path` (comma-separated, globs, pkg:// for packaged files), or None for a hub name."""
     files: list[str] = []
     for part in (p.strip() for p in path.split(",") if p.strip()):
@@ -35,16 +35,16 @@ def resolve_files(path: str) -> list[str] | None:
         if not local:
             looks_local = part.startswith((".", "/", "~")) or Path(part).suffix in (".json", ".jsonl", ".txt", ".gz")
             if looks_local or len(files):
-                raise ConfigError(f"data.path: {part!r} does not exist; give an existing file or a hub dataset name")
+                raise ConfigError(f"{key}: {part!r} does not exist; give an existing file or a hub dataset name")
             return None
         files += local
     return files
 
 
-def _load_dataset(path: str, cfg: DataConfig):
+def _load_dataset(path: str, cfg: DataConfig, key: str = "data.path"):
     import datasets
 
-    files = resolve_files(path)
+    files = resolve_files(path, key)
     try:
         if files is None:
             ds = datasets.load_dataset(path, cfg.hub_config, split=cfg.split)
@@ -52,30 +52,30 @@ def _load_dataset(path: str, cfg: DataConfig):
             is_text = all(f.removesuffix(".gz").endswith(".txt") for f in files)
             ds = datasets.load_dataset("text" if is_text else "json", data_files=files, split="train")
     except Exception as err:  # datasets raises many types; all mean the same to the user
-        raise ConfigError(f"cannot read data path {path!r}: {type(err).__name__}: {err}") from err
+        raise ConfigError(f"cannot read {key}={path!r}: {type(err).__name__}: {err}") from err
     is_text = files is not None and all(f.removesuffix(".gz").endswith(".txt") for f in files)
     return ds, is_text
 
 
-def load_texts(cfg: DataConfig, path: str | None = None) -> list[str]:
+def load_texts(cfg: DataConfig, path: str | None = None, key: str = "data.path") -> list[str]:
     """The documents of the data config (or of another `path` read the same way), in file order."""
     path = path or cfg.path
-    ds, is_text = _load_dataset(path, cfg)
+    ds, is_text = _load_dataset(path, cfg, key)
     field = "text" if is_text else cfg.text_field
     if field not in ds.column_names:
         raise ConfigError(f"data.text_field={cfg.text_field!r} is not a column of {path!r}: {ds.column_names}")
     texts = [t for t in ds[field] if t and t.strip()]
     if not texts:
-        raise ConfigError(f"data path {path!r} holds no text in field {field!r}")
+        raise ConfigError(f"{key}={path!r} holds no text in field {field!r}")
     return texts
 
 
-def load_tokens(cfg: DataConfig, tokenizer, path: str | None = None) -> torch.Tensor:
+def load_tokens(cfg: DataConfig, tokenizer, path: str | None = None, key: str = "data.path") -> torch.Tensor:
     """One token stream from `path` (default data.path): pre-tokenized ids where the files have data.token_field
     (as `distill generate` writes them), else the text tokenized by the teacher's tokenizer; EOS between documents."""
     path = path or cfg.path
     if cfg.token_field:
-        ds, is_text = _load_dataset(path, cfg)
+        ds, is_text = _load_dataset(path, cfg, key)
         if not is_text and cfg.token_field in ds.column_names:
             eos = tokenizer.eos_token_id
             ids: list[int] = []
@@ -92,7 +92,7 @@ def load_tokens(cfg: DataConfig, tokenizer, path: str | None = None) -> torch.Te
                     "'' to tokenize the text instead"
                 )
             return tokens
-    return tokenize(load_texts(cfg, path), tokenizer)
+    return tokenize(load_texts(cfg, path, key), tokenizer)
 
 
 def tokenize(texts: list[str], tokenizer) -> torch.Tensor:
@@ -186,5 +186,5 @@ def build_data(cfg: DataConfig, tokenizer) -> PackedData:
         raise ConfigError(f"data.mix_fraction={cfg.mix_fraction} must be between 0 and 1")
     if cfg.mix_fraction > 0 and not cfg.mix_path:
         raise ConfigError("data.mix_fraction > 0 needs data.mix_path (e.g. the shards of `distill generate`)")
-    mix = load_tokens(cfg, tokenizer, cfg.mix_path) if cfg.mix_fraction > 0 else None
+    mix = load_tokens(cfg, tokenizer, cfg.mix_path, "data.mix_path") if cfg.mix_fraction > 0 else None
     return PackedData(load_tokens(cfg, tokenizer), cfg.holdout_tokens, cfg.seed, mix, cfg.mix_fraction)

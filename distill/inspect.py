@@ -18,7 +18,7 @@ from .stages.stage1 import layer_matrix_loss
 @dataclass
 class LayerFit:
     layer: int
-    matrix: float  # stage-1 distance: mean over batch and heads of ||A - M||_F
+    matrix: float  # stage-1 loss: mean over batch and heads of ||A - M||_F / sqrt(L)
     hidden: float  # stage-2 relative error: ||student block out - teacher block out|| / ||teacher block out||
 
 
@@ -102,7 +102,7 @@ def plot_layer_fits(fits: list[LayerFit], num_layers: int, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     layers = [f.layer for f in fits]
     ax1.bar(layers, [f.matrix for f in fits], color="tab:blue")
-    ax1.set_ylabel("stage 1: ||A - M||_F")
+    ax1.set_ylabel("stage 1: ||A - M||_F / sqrt(L)")
     ax2.bar(layers, [f.hidden for f in fits], color="tab:orange")
     ax2.set_ylabel("stage 2: relative error")
     kept = sorted(set(range(num_layers)) - set(layers))

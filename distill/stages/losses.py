@@ -18,7 +18,14 @@ def stage_step(stage):
         return matrix_step
     if stage.loss == "hidden":
         return hidden_step
-    return partial(logits_step, temperature=stage.temperature, ce_weight=stage.ce_weight)
+    return partial(
+        logits_step,
+        temperature=stage.temperature,
+        ce_weight=stage.ce_weight,
+        divergence=stage.divergence,
+        jsd_beta=stage.jsd_beta,
+        chunk_tokens=stage.chunk_tokens,
+    )
 
 
 STAGE_LOSSES = ("matrix", "hidden", "logits")

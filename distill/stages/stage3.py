@@ -1,12 +1,16 @@
-"""Stage 3, end-to-end: KL(teacher || student) on next-token distributions at temperature T (scaled by T^2, as in
-Hinton et al.), plus an optional cross-entropy weight on the true next tokens. Computed in float32."""
+"""Stage 3, end-to-end: the student's next-token distribution against the teacher's (forward KL, reverse KL or
+generalized JSD at temperature T, scaled by T^2), plus an optional cross-entropy weight on the true next tokens.
+
+The vocabulary-sized logits are never built whole: the loss is computed in token chunks from both models' final
+hidden states and LM heads (divergence.py), in float32 per chunk.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .common import StepResult, autocast
+from .divergence import divergence_reference, fused_linear_divergence
 
 
 def distillation_loss(
@@ -15,29 +19,41 @@ def distillation_loss(
     temperature: float = 1.0,
     labels: torch.Tensor | None = None,
     ce_weight: float = 0.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over tokens of T^2 KL(softmax(t/T) || softmax(s/T)) (+ ce_weight * CE(s, labels)); logits (..., V)."""
-    s = student_logits.float().flatten(0, -2)
-    t = teacher_logits.float().flatten(0, -2)
-    log_p_t = F.log_softmax(t / temperature, dim=-1)
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
-    parts = {"kl": kl.item()}
-    loss = kl
-    if ce_weight and labels is not None:
-        ce = F.cross_entropy(s, labels.flatten())
-        parts["ce"] = ce.item()
-        loss = loss + ce_weight * ce
-    return loss, parts
+    """The stage-3 loss on full logits (..., V): the reference the fused path is tested against."""
+    loss, parts = divergence_reference(student_logits, teacher_logits, divergence, temperature, beta, labels, ce_weight)
+    return loss, {("kl" if k == "forward_kl" else k): v.item() for k, v in parts.items()}
 
 
-def logits_step(student, teacher, input_ids: torch.Tensor, precision: str, temperature: float, ce_weight: float):
+def logits_step(
+    student,
+    teacher,
+    input_ids: torch.Tensor,
+    precision: str,
+    temperature: float,
+    ce_weight: float,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    chunk_tokens: int = 1024,
+) -> StepResult:
     with autocast(input_ids.device, precision):
-        teacher_logits = teacher.logits(input_ids)
-        student_logits = student(input_ids=input_ids, use_cache=False).logits
+        teacher_hidden = teacher.final_hidden(input_ids)
+        student_hidden = student.model(input_ids=input_ids, use_cache=False).last_hidden_state
     # Predict token t+1 from position t: the last position has no label, drop it from both.
-    loss, parts = distillation_loss(
-        student_logits[:, :-1], teacher_logits[:, :-1], temperature, input_ids[:, 1:], ce_weight
+    loss, parts = fused_linear_divergence(
+        student_hidden[:, :-1].flatten(0, 1),
+        student.lm_head,
+        teacher_hidden[:, :-1].flatten(0, 1),
+        teacher.lm_head,
+        divergence=divergence,
+        temperature=temperature,
+        beta=jsd_beta,
+        labels=input_ids[:, 1:].flatten(),
+        ce_weight=ce_weight,
+        chunk_tokens=chunk_tokens,
+        matmul_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
     )
     loss.backward()
-    return StepResult(loss=loss.item(), extra=parts)
+    return StepResult(loss=loss.item(), extra={("kl" if k == "forward_kl" else k): v.item() for k, v in parts.items()})

@@ -59,6 +59,16 @@ class Teacher:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
+    @torch.no_grad()
+    def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The last layer's normed hidden states (b, L, H): the LM head's input, without the vocabulary-wide logits.
+        (Llama, Qwen2 and Phi all apply their final norm inside the base model.)"""
+        return self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
 
 def load_teacher(cfg: TeacherConfig) -> Teacher:
     """Load the teacher named by `cfg` (weights and tokenizer); see TeacherConfig.source."""

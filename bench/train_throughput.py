@@ -1,0 +1,157 @@
+"""Benchmark: training tokens/s and peak memory of each stage, as `distill train` runs them, on one GPU.
+
+    python bench/train_throughput.py --teacher-gguf /root/teacher/smollm2.gguf [--batch 16] [--seq-len 2048]
+                                     [--steps 10] [--out FILE]
+    python bench/train_throughput.py --device cpu --tiny          (a smoke run on the tiny random teacher)
+
+Teacher SmolLM2-135M-Instruct (bf16 weights), a pure discrete-Mamba-2 student (all 30 layers SSD), bf16 autocast,
+kernels auto (Triton on CUDA). Each stage is its trainer step function (distill.stages.stage_step: one teacher
+forward, the stage's loss and backward) plus gradient clipping and a fused AdamW step over the stage's trainable
+set; 3 warm-up steps, then `--steps` timed steps between CUDA synchronisations. Stage 3 is timed with the fused,
+chunked divergence (what training runs) and, for comparison, with full-vocabulary logits (the reference path, built
+here from `divergence_reference`). The teacher's forward alone (no capture, logits) is the scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from distill.cli import compose  # noqa: E402
+from distill.config import StageConfig, StudentConfig, TeacherConfig  # noqa: E402
+from distill.models.teachers import load_teacher  # noqa: E402
+from distill.models.transfer import build_student  # noqa: E402
+from distill.stages import stage_step, trainable_parameters  # noqa: E402
+from distill.stages.common import StepResult, autocast  # noqa: E402
+from distill.stages.divergence import divergence_reference  # noqa: E402
+
+
+def full_logits_step(student, teacher, ids, precision):
+    """Stage 3 through full-vocabulary logits: the path the fused divergence replaces."""
+    with autocast(ids.device, precision):
+        t = teacher.logits(ids)
+        s = student(input_ids=ids, use_cache=False).logits
+    loss, _ = divergence_reference(s[:, :-1], t[:, :-1])
+    loss.backward()
+    return StepResult(loss=loss.item())
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_stage(name, step, trainable, student, teacher, ids, precision, steps, device) -> dict:
+    params = trainable_parameters(student, trainable)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-5, fused=device.type == "cuda")
+    student.train()
+
+    def one():
+        opt.zero_grad(set_to_none=True)
+        result = step(student, teacher, ids, precision)
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        return result
+
+    try:
+        for _ in range(3):
+            one()
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = one().loss
+        sync(device)
+    except torch.OutOfMemoryError:
+        return {"stage": name, "oom": True}
+    seconds = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"stage": name, "tok_s": ids.numel() / seconds, "ms": seconds * 1e3, "peak_gb": peak, "loss": loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher-gguf", default="/root/teacher/smollm2.gguf")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--chunk-tokens", type=int, default=4096)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.tiny:
+        tcfg = compose(["experiment=tiny"]).teacher
+        args.batch, args.seq_len, args.steps = 2, 128, 2
+    else:
+        if not Path(args.teacher_gguf).is_file():
+            sys.exit(f"no teacher at {args.teacher_gguf}: bring the GGUF over as ../shared/device/README.md says")
+        tcfg = TeacherConfig(name="smollm2", source="gguf", path=args.teacher_gguf, dtype="bfloat16")
+    teacher = load_teacher(tcfg).to(device)
+    student = build_student(teacher, StudentConfig(form="discrete"), attention_layers=[]).to(device)
+    precision = "bf16"
+    ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len), device=device)
+
+    rows = []
+    # The teacher's forward alone (logits, no capture), for scale.
+    with torch.no_grad(), autocast(device, precision):
+        for _ in range(3):
+            teacher.logits(ids)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            teacher.logits(ids)
+        sync(device)
+    seconds = (time.perf_counter() - t0) / args.steps
+    rows.append({"stage": "teacher forward alone", "tok_s": ids.numel() / seconds, "ms": seconds * 1e3,
+                 "peak_gb": float("nan"), "loss": float("nan")})
+    stages = [
+        ("stage 1 (matrix, mixers)", StageConfig(loss="matrix", tokens=1), "mixers"),
+        ("stage 2 (hidden, ssd_blocks)", StageConfig(loss="hidden", tokens=1), "ssd_blocks"),
+        ("stage 3 (logits fused, all_but_embeddings)",
+         StageConfig(loss="logits", tokens=1, chunk_tokens=args.chunk_tokens), "all_but_embeddings"),
+    ]
+    for name, cfg, trainable in stages:
+        rows.append(time_stage(name, stage_step(cfg), trainable, student, teacher, ids, precision, args.steps, device))
+        print(rows[-1], flush=True)
+    rows.append(time_stage("stage 3 (full logits reference)", full_logits_step, "all_but_embeddings", student,
+                           teacher, ids, precision, args.steps, device))
+    print(rows[-1], flush=True)
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    lines = [
+        f"Date {datetime.date.today()}. Device: {name}, torch {torch.__version__}. Teacher "
+        f"{'tiny-llama' if args.tiny else 'SmolLM2-135M-Instruct'} (bf16 weights) -> pure discrete-Mamba-2 student "
+        f"(all layers SSD); bf16 autocast; batch {args.batch} x {args.seq_len} tokens; fused AdamW; "
+        f"stage-3 chunk {args.chunk_tokens} tokens; mean of {args.steps} steps after 3 warm-up steps.",
+        "",
+        "| what | tokens/s | ms per step | peak GB |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if r.get("oom"):
+            lines.append(f"| {r['stage']} | out of memory | | |")
+        else:
+            lines.append(f"| {r['stage']} | {r['tok_s']:,.0f} | {r['ms']:.1f} | {r['peak_gb']:.1f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
