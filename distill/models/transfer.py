@@ -48,9 +48,7 @@ def build_student(teacher: Teacher, cfg: StudentConfig, attention_layers: list[i
     fields.update(ssd_mixer=mixer_spec(teacher, cfg).to_dict(), attention_layers=list(attention_layers))
     config = STUDENT_CONFIGS[family.name](**fields)
     config._attn_implementation = "sdpa"
-    # The SSD layers keep no recurrent state in a KV cache yet: generate() must re-run the whole sequence each step
-    # (correct, quadratic) until the student has its own cache.
-    config.use_cache = False
+    config.use_cache = True  # generate() decodes on the student's DistillCache (constant memory per SSD layer)
     student = STUDENT_CLASSES[family.name](config).float()
 
     # Everything the two models share by name (all but the converted attention) is copied exactly.

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.phi.modeling_phi import PhiForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
 from .configuration_distill import DistillLlamaConfig, DistillPhiConfig, DistillQwen2Config, MixerSpec
-from .ssd_kernels import causal_conv1d, ssd, ssd_matrix
+from .ssd_kernels import causal_conv1d, causal_conv1d_step, ssd, ssd_decode_step, ssd_matrix
 
 
 @dataclass
@@ -36,6 +37,59 @@ class SSDInputs:
     C: torch.Tensor  # (b, L, gc, n)
     scale: torch.Tensor | None  # (b, L, h) float32 in the Mamba-2 form, None in the discrete form
     z: torch.Tensor  # (b, L, h * p), the gate's input
+
+
+class SSDLayerState(DynamicLayer):
+    """An SSD layer's slot in the generation cache: its conv state (b, c, k-1) and SSM state (b, h, p, n), float32.
+
+    Constant memory whatever the length. It counts the tokens it has seen and reports that count as its sequence
+    length, like an attention layer's KV cache would, so the cache's length and the attention masks built from any
+    layer (the mask code asks the first layer) are right in pure and hybrid students alike.
+    """
+
+    is_croppable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv_state: torch.Tensor | None = None
+        self.ssm_state: torch.Tensor | None = None
+        self.seen = 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def reset(self) -> None:
+        self.conv_state = self.ssm_state = None
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.conv_state is not None:
+            self.conv_state = self.conv_state.index_select(0, beam_idx.to(self.conv_state.device))
+            self.ssm_state = self.ssm_state.index_select(0, beam_idx.to(self.ssm_state.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.conv_state is not None:
+            self.conv_state = self.conv_state.repeat_interleave(repeats, dim=0)
+            self.ssm_state = self.ssm_state.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.conv_state is not None:
+            self.conv_state, self.ssm_state = self.conv_state[indices], self.ssm_state[indices]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an SSD state cannot be cropped: it keeps no per-token history")
+
+
+class DistillCache(Cache):
+    """The student's generation cache: an SSDLayerState per SSD layer, a growing KV cache per kept attention layer."""
+
+    def __init__(self, config):
+        keep = set(config.attention_layers or [])
+        layers = [DynamicLayer() if i in keep else SSDLayerState() for i in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
+        # The generation's 2-D attention mask (b, tokens so far), set by the model's forward: left padding must not
+        # enter an SSD state.
+        self.padding_mask: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -119,16 +173,32 @@ class SSDMixer(nn.Module):
             return -dt * torch.exp(self.A_log.float()), dt
         return -F.softplus(raw + self.decay_bias.float()), None
 
-    def ssd_inputs(self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None):
-        """Project, convolve and split: the SSD kernel's inputs, and the conv's final state (for a cache)."""
+    def ssd_inputs(
+        self,
+        hidden_states: torch.Tensor,
+        conv_state: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ):
+        """Project, convolve and split: the SSD kernel's inputs, and the conv's final state (for a cache).
+
+        padding_mask (b, L), 1 for tokens and 0 for padding: a padded position is made a no-op of the recurrence
+        (zero conv input, x = 0 and decay 1), so left padding leaves the state as if the sequence started after it.
+        """
         b, L, _ = hidden_states.shape
         spec = self.spec
         z, xbc, raw_decay = self._split(self.in_proj(hidden_states))
+        keep = None
+        if padding_mask is not None:
+            keep = padding_mask[:, -L:].to(xbc.dtype)[..., None]
+            xbc = xbc * keep
         xbc, conv_state = causal_conv1d(xbc, self.conv_weight.to(xbc.dtype), self.conv_bias.to(xbc.dtype), conv_state)
         if spec.conv_activation == "silu":
             xbc = F.silu(xbc)
         x, B, C = xbc.split([self.x_width, self.b_width, self.c_width], dim=-1)
         log_a, scale = self.decay(raw_decay)
+        if keep is not None:
+            x = x * keep
+            log_a = log_a * keep.float()
         inputs = SSDInputs(
             x=x.reshape(b, L, spec.n_heads, spec.head_dim),
             log_a=log_a,
@@ -144,12 +214,49 @@ class SSDMixer(nn.Module):
         inputs, _ = self.ssd_inputs(hidden_states)
         return ssd_matrix(inputs.log_a, inputs.B.float(), inputs.C.float(), inputs.scale)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None]:
+    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs) -> tuple[torch.Tensor, None]:
         # Called by the teacher family's decoder layer in place of its attention: attention-only keyword arguments
-        # (position embeddings, masks, KV caches) do not concern an SSD layer and are ignored.
-        inputs, _ = self.ssd_inputs(hidden_states)
-        y, _ = self.scan(inputs)
-        return self.output(y, inputs.z), None
+        # (position embeddings, masks) do not concern an SSD layer and are ignored. With a DistillCache, the layer
+        # continues from its cached conv and SSM states and leaves the new ones there.
+        slot = past_key_values.layers[self.layer_idx] if isinstance(past_key_values, DistillCache) else None
+        if slot is None:
+            inputs, _ = self.ssd_inputs(hidden_states)
+            y, _ = self.scan(inputs)
+            return self.output(y, inputs.z), None
+        L = hidden_states.shape[1]
+        if L == 1 and slot.ssm_state is not None:
+            out = self.step(hidden_states, slot)
+        else:
+            padding = past_key_values.padding_mask if slot.ssm_state is None else None
+            inputs, slot.conv_state = self.ssd_inputs(hidden_states, slot.conv_state, padding)
+            y, slot.ssm_state = self.scan(inputs, slot.ssm_state)
+            out = self.output(y, inputs.z)
+        slot.seen += L
+        return out, None
+
+    def step(self, hidden_states: torch.Tensor, slot: SSDLayerState) -> torch.Tensor:
+        """One token (b, 1, H) through the conv and the SSD recurrence, updating `slot`'s states."""
+        b = hidden_states.shape[0]
+        spec = self.spec
+        z, xbc, raw_decay = self._split(self.in_proj(hidden_states[:, 0]))
+        xbc, slot.conv_state = causal_conv1d_step(
+            slot.conv_state, xbc, self.conv_weight.to(xbc.dtype), self.conv_bias.to(xbc.dtype)
+        )
+        if spec.conv_activation == "silu":
+            xbc = F.silu(xbc)
+        x, B, C = xbc.split([self.x_width, self.b_width, self.c_width], dim=-1)
+        log_a, scale = self.decay(raw_decay)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            y, slot.ssm_state = ssd_decode_step(
+                slot.ssm_state,
+                x.reshape(b, spec.n_heads, spec.head_dim).float(),
+                log_a,
+                B.reshape(b, spec.n_b_groups, spec.d_state).float(),
+                C.reshape(b, spec.n_c_groups, spec.d_state).float(),
+                scale,
+                self.D.float(),
+            )
+        return self.output(y.to(x.dtype)[:, None], z[:, None])
 
     def scan(self, inputs: SSDInputs, initial_state: torch.Tensor | None = None):
         """The SSD scan in float32 (bf16 cumulative decays lose the long-range terms), D skip included."""
@@ -184,6 +291,25 @@ class StudentMixin:
         for idx, layer in enumerate(self.model.layers):
             if idx not in keep:
                 layer.self_attn = SSDMixer(config.hidden_size, spec, idx)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not hand the model a DynamicCache: forward builds a DistillCache, with SSD state slots.
+        return False
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DistillCache(self.config)
+        if isinstance(past_key_values, DistillCache):
+            past_key_values.padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
 
     @property
     def ssd_layers(self) -> list[int]:

@@ -1,0 +1,90 @@
+"""Generation on the student's recurrent cache: prefill by the chunked scan, then one-token steps.
+
+Greedy generate() equals a full re-forward argmax loop token for token; prefill-then-step logits equal the full
+forward's; left padding does not leak into an SSD state; an SSD layer's cache does not grow with the length.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.config import StudentConfig
+from distill.models.student.modeling_distill import DistillCache, SSDLayerState
+from distill.models.transfer import build_student
+
+
+def student_for(teacher, form="discrete", attention_layers=()):
+    """A student whose mixers do something: the transfer closes the gate and zeroes D, so randomise them."""
+    student = build_student(teacher, StudentConfig(form=form), attention_layers=list(attention_layers)).eval()
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "self_attn.in_proj" in name or name.endswith("self_attn.D") or "self_attn.out_proj" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return student
+
+
+def greedy_by_reforward(model, ids, new_tokens):
+    seq = ids
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    return seq
+
+
+CASES = [
+    ("tiny-llama", "discrete", ()),
+    ("tiny-llama", "mamba2", ()),
+    ("tiny-llama", "discrete", (1, 3)),  # hybrid whose layer 0 is SSD
+    ("tiny-phi", "discrete", ()),
+    ("tiny-phi", "mamba2", (0,)),  # hybrid whose layer 0 is attention
+]
+
+
+@pytest.mark.parametrize("teacher_name, form, keep", CASES)
+def test_greedy_generate_equals_reforward(teacher_name, form, keep, tiny_llama, tiny_phi):
+    teacher = {"tiny-llama": tiny_llama, "tiny-phi": tiny_phi}[teacher_name]
+    student = student_for(teacher, form, keep)
+    ids = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
+    # No EOS: both run the full 14 tokens (a row that stopped early would be padded by generate()).
+    out = student.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 14
+    assert torch.equal(out, greedy_by_reforward(student, ids, 14))
+
+
+@pytest.mark.parametrize("form, keep", [("discrete", ()), ("mamba2", (2,))])
+def test_prefill_then_steps_match_full_forward(tiny_llama, form, keep):
+    student = student_for(tiny_llama, form, keep)
+    ids = torch.randint(0, 257, (3, 21), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
+    with torch.no_grad():
+        full = student(input_ids=ids, use_cache=False).logits
+        cache = DistillCache(student.config)
+        got = [student(input_ids=ids[:, :13], past_key_values=cache, use_cache=True).logits]
+        states = [cache.layers[0].ssm_state.shape]
+        for t in range(13, 21):
+            got.append(student(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    got = torch.cat(got, 1)
+    assert ((got - full).norm() / full.norm()).item() < 1e-5
+    assert cache.get_seq_length() == 21
+    ssd_slot = next(layer for layer in cache.layers if isinstance(layer, SSDLayerState))
+    assert ssd_slot.ssm_state.shape == states[0]  # constant memory: no growth with length
+    assert ssd_slot.ssm_state.dtype == torch.float32
+
+
+@pytest.mark.parametrize("keep", [(), (1,)])
+def test_left_padding_does_not_enter_the_state(tiny_llama, keep):
+    student = student_for(tiny_llama, "discrete", keep)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    short, long = torch.randint(0, 256, (1, 5), generator=g), torch.randint(0, 256, (1, 9), generator=g)
+    pad = 256
+    batch = torch.cat([torch.cat([torch.full((1, 4), pad), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1), torch.ones(1, 9)]).long()
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    together = student.generate(batch, attention_mask=mask, **kwargs)
+    alone_short = student.generate(short, attention_mask=torch.ones_like(short), **kwargs)
+    alone_long = student.generate(long, attention_mask=torch.ones_like(long), **kwargs)
+    assert torch.equal(together[0, 4:], alone_short[0])
+    assert torch.equal(together[1], alone_long[0])
