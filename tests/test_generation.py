@@ -88,3 +88,23 @@ def test_left_padding_does_not_enter_the_state(tiny_llama, keep):
     alone_long = student.generate(long, attention_mask=torch.ones_like(long), **kwargs)
     assert torch.equal(together[0, 4:], alone_short[0])
     assert torch.equal(together[1], alone_long[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("teacher_name", ["tiny-llama", "tiny-phi"])
+def test_cuda_graph_decode_equals_eager(teacher_name, tiny_llama, tiny_phi):
+    teacher = {"tiny-llama": tiny_llama, "tiny-phi": tiny_phi}[teacher_name]
+    student = student_for(teacher, "discrete").cuda()
+    ids = torch.randint(0, 257, (3, 11), device="cuda")
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                  pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    eager = student.generate(ids, **kwargs)
+    student.enable_cuda_graph_decode()
+    graphed = student.generate(ids, **kwargs)
+    again = student.generate(ids, **kwargs)  # a second generation rebinds the captured graph to its own cache
+    assert 3 in student._graph_decoders
+    for out in (graphed, again):
+        assert torch.equal(out.sequences, eager.sequences)
+        for a, b in zip(out.logits, eager.logits):
+            assert ((a - b).norm() / b.norm()).item() < 1e-4

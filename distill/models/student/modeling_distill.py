@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.phi.modeling_phi import PhiForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
@@ -281,6 +282,83 @@ class SSDMixer(nn.Module):
         return self.out_proj(y * F.silu(z))
 
 
+class GraphDecoder:
+    """One decode step of a pure-SSD student captured as a CUDA graph, for one batch size.
+
+    A step is ~30 layers of small kernels: on a host whose CPU is slow, launching them one by one costs tens of
+    milliseconds, replaying the graph well under one. The graph reads the token and every layer's conv and SSM state
+    from static buffers and writes the new states back into them; `step` binds a generation's DistillCache to those
+    buffers (copying its states in once) and replays. Attention layers (hybrids) would need a KV cache that grows
+    each step, so hybrids decode eagerly.
+    """
+
+    def __init__(self, model, cache: DistillCache, batch_size: int):
+        self.model, self.batch_size = model, batch_size
+        device = next(model.parameters()).device
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.cache = DistillCache(model.config)  # the graph's own slots, pointing at the static buffers
+        self.buffers = []
+        for idx in model.ssd_layers:
+            slot, own = cache.layers[idx], self.cache.layers[idx]
+            own.conv_state, own.ssm_state = slot.conv_state.clone(), slot.ssm_state.clone()
+            self.buffers.append((idx, own.conv_state, own.ssm_state))
+        self.bound = None
+        self.graph, self.logits = None, None
+
+    def _body(self) -> torch.Tensor:
+        body = self.model.model
+        h = body.embed_tokens(self.tokens)
+        for layer in body.layers:
+            out = layer(h, past_key_values=self.cache)
+            h = out[0] if isinstance(out, tuple) else out
+        norm = body.norm if hasattr(body, "norm") else body.final_layernorm
+        logits = self.model.lm_head(norm(h))
+        # Write the new states into the static buffers the next replay reads, and point the slots back at them.
+        for idx, conv, ssm in self.buffers:
+            own = self.cache.layers[idx]
+            conv.copy_(own.conv_state)
+            ssm.copy_(own.ssm_state)
+            own.conv_state, own.ssm_state = conv, ssm
+        return logits
+
+    def _capture(self) -> None:
+        saved = [(conv.clone(), ssm.clone()) for _, conv, ssm in self.buffers]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compiles the Triton kernels and settles the allocator; advances the states...
+                self._body()
+        torch.cuda.current_stream().wait_stream(stream)
+        for (_, conv, ssm), (c, s) in zip(self.buffers, saved):  # ...so put them back
+            conv.copy_(c)
+            ssm.copy_(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._body()
+
+    def bind(self, cache: DistillCache) -> None:
+        """Make `cache` the generation this graph continues: copy its states in (once) and share the buffers."""
+        for idx, conv, ssm in self.buffers:
+            slot = cache.layers[idx]
+            if slot.ssm_state is not ssm:
+                conv.copy_(slot.conv_state)
+                ssm.copy_(slot.ssm_state)
+                slot.conv_state, slot.ssm_state = conv, ssm
+        self.bound = cache
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, cache: DistillCache) -> torch.Tensor:
+        if self.bound is not cache or any(cache.layers[i].ssm_state is not ssm for i, _, ssm in self.buffers):
+            self.bind(cache)
+        self.tokens.copy_(input_ids)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        for idx, _, _ in self.buffers:
+            cache.layers[idx].seen += 1
+        return self.logits
+
+
 class StudentMixin:
     """Swaps the attention of every layer outside `config.attention_layers` for an SSDMixer."""
 
@@ -291,6 +369,34 @@ class StudentMixin:
         for idx, layer in enumerate(self.model.layers):
             if idx not in keep:
                 layer.self_attn = SSDMixer(config.hidden_size, spec, idx)
+        self._graph_decoders: dict[int, GraphDecoder] | None = None
+
+    def enable_cuda_graph_decode(self, enabled: bool = True):
+        """Decode one-token steps of generate() by replaying a CUDA graph (pure-SSD students on CUDA, no grad).
+
+        Worth it where the host's Python is the bottleneck (small batches, slow CPUs). Graphs are captured per batch
+        size on first use; hybrids and the prefill always run eagerly. Returns the model.
+        """
+        self._graph_decoders = {} if enabled else None
+        return self
+
+    def _graph_step(self, input_ids, cache):
+        """The logits (b, 1, V) of one graph-replayed step, or None where this step must run eagerly."""
+        if (
+            self._graph_decoders is None
+            or self.config.attention_layers
+            or input_ids is None
+            or input_ids.shape[1] != 1
+            or not input_ids.is_cuda
+            or torch.is_grad_enabled()
+            or not isinstance(cache, DistillCache)
+            or cache.get_seq_length() == 0
+        ):
+            return None
+        b = input_ids.shape[0]
+        if b not in self._graph_decoders:
+            self._graph_decoders[b] = GraphDecoder(self, cache, b)
+        return self._graph_decoders[b].step(input_ids, cache)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -302,7 +408,11 @@ class StudentMixin:
         if use_cache and past_key_values is None:
             past_key_values = DistillCache(self.config)
         if isinstance(past_key_values, DistillCache):
-            past_key_values.padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            is_2d = attention_mask is not None and attention_mask.dim() == 2
+            past_key_values.padding_mask = attention_mask if is_2d else None
+            logits = self._graph_step(input_ids, past_key_values)
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
