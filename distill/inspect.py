@@ -176,7 +176,7 @@ def inspect_run(
         f"checkpoint ({run.checkpoint.name if run.checkpoint else 'none: the student as transferred'}). Worst first: "
         "rank = mean of the ranks by stage-1 distance and by stage-2 relative error.",
         "",
-        "| rank | layer | stage 1: mean ‖A − M‖_F | stage 2: relative error |",
+        "| rank | layer | stage 1: mean ‖A − M‖_F / √L | stage 2: relative error |",
         "|---|---|---|---|",
     ]
     for n, (fit, _) in enumerate(ranked, 1):

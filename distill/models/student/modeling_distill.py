@@ -408,7 +408,11 @@ class StudentMixin:
         # generate() must not hand the model a DynamicCache: forward builds a DistillCache, with SSD state slots.
         return False
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+    def forward(
+        self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, logits_to_keep=0, **kwargs
+    ):
+        # `logits_to_keep` is named so that generate() finds it in the signature and asks for the last position's
+        # logits only: a prefill of 64 x 8192 tokens would otherwise build 26 GB of logits.
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DistillCache(self.config)
@@ -423,6 +427,7 @@ class StudentMixin:
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
             **kwargs,
         )
 
