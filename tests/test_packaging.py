@@ -38,3 +38,14 @@ def test_default_config_is_the_cpu_demo():
     cfg = compose([])
     assert cfg.teacher.name == "smollm2" and cfg.student.ssd_layers and cfg.pipeline == ["stage1", "stage2", "stage3"]
     assert cfg.data.path.startswith("pkg://")
+
+
+def test_gpu_preset_composes_and_validates(monkeypatch):
+    from distill.cli import compose
+    from distill.config import validate
+
+    monkeypatch.setenv("DISTILL_DATA_DIR", "/data")
+    cfg = compose(["experiment=gpu_smollm2", "student=mamba2"])
+    validate(cfg)
+    assert cfg.data.path == "/data/train_text/nltk_*.jsonl.gz" and cfg.data.mix_fraction == 0.5
+    assert cfg.student.form == "mamba2" and cfg.stages["stage3"].seq_len == 2048

@@ -98,6 +98,10 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         (["pipeline=[stage1,stage9]"], "pipeline names 'stage9'"),
         (["stages.stage1.trainable=everything"], "stages.stage1.trainable='everything'"),
         (["teacher=nonexistent"], "nonexistent"),
+        (["stages.stage3.divergence=kl"], "stages.stage3.divergence='kl': use one of"),
+        (["stages.stage3.divergence=jsd", "stages.stage3.jsd_beta=1.0"], "strictly between 0 and 1"),
+        (["data.mix_fraction=0.5"], "data.mix_fraction > 0 needs data.mix_path"),
+        (["data.mix_path=/nonexistent/shard-*.jsonl.gz", "data.mix_fraction=0.5"], "data.mix_path"),
     ],
 )
 def test_bad_input_stops_with_one_clear_line(tmp_path, capsys, overrides, message):
