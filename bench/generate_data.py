@@ -144,7 +144,8 @@ def main() -> None:
         lines.append(f"| HF generate(), {p['cache']} cache | {p['batch']} | {args.hf_new_tokens} | {p['tokens']} | "
                      f"{p['seconds']:.2f} | {p['tok_s']:.0f} | |" + (f" error: {p['error']}" if "error" in p else ""))
     lines.append("")
-    lines.append(f"Decoder logits vs the teacher's full forward (bf16): worst relative error {rows[0]['logit_err']:.2e}.")
+    err = rows[0]["logit_err"]
+    lines.append(f"Decoder logits vs the teacher's full forward (bf16): worst relative error {err:.2e}.")
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:

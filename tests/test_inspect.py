@@ -31,7 +31,8 @@ def test_inspect_a_run(tmp_path, capsys):
     block = run.student.model.layers[layer]
     with torch.no_grad():
         M = block.self_attn.mixing_matrix(block.input_layernorm(record.block_input))
-    expected = (record.attention_matrix().double() - M.double()).flatten(2).norm(dim=-1).mean().item() / ids.shape[1] ** 0.5
+    distance = (record.attention_matrix().double() - M.double()).flatten(2).norm(dim=-1).mean().item()
+    expected = distance / ids.shape[1] ** 0.5  # stage 1 is normalised by sqrt(L)
     assert abs(float(rows[0][2]) - expected) <= 1e-3 * expected
     # The suggestion keeps the 2 worst-ranked layers as attention.
     worst = sorted(int(r[1]) for r in rows[:2])
