@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 LATEST = "latest"
 
@@ -63,7 +63,7 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer_state: dict | Non
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (one copy on disk)
+        save_file(_weights(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
         final = root / name
@@ -81,6 +81,20 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer_state: dict | Non
     for leftover in root.glob(".tmp-*"):  # from a crash in an earlier run
         shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    """The model's tensors on the CPU, each stored once: a tied weight (the LM head sharing the embeddings) keeps its
+    first name, and `load_model` restores the tie. Copies, because DeepSpeed's ZeRO turns parameters into views of
+    one flat buffer, which safetensors refuses to save as is."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return out
 
 
 def _order(path: Path) -> float:

@@ -15,7 +15,7 @@ GROUPS_HELP = """configuration groups (pick one with GROUP=NAME):
   data         gutenberg-sample (bundled, default), c4 (hub); mix in generated text with
                data.mix_path=DIR/shard-*.jsonl.gz data.mix_fraction=0.5 data.token_field=input_ids
   stages       mohawk (stage1 matrix, stage2 hidden, stage3 logits)
-  trainer      default
+  trainer      default, zero2 (DeepSpeed ZeRO-2: torchrun --nproc_per_node=N -m distill train trainer=zero2)
   experiment   cpu_demo (default), tiny; ~experiment drops the preset
 
 most used overrides:

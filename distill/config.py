@@ -94,6 +94,9 @@ class TrainerConfig:
     log_every: int = 1
     seed: int = 0
     progress: bool = True
+    # A DeepSpeed config (ZeRO stage, offload, ...; conf/trainer/zero2.yaml) for `torchrun ... distill train`: the
+    # batch shape and clipping come from each stage. Empty: one process, no DeepSpeed.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -185,7 +188,8 @@ LOSSES = ("matrix", "hidden", "logits")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TRAINABLE = ("mixers", "ssd_blocks", "all_but_embeddings", "all")
 # Keys that may differ when a run folder is resumed: they change how a run is watched, not what it computes.
-RESUME_FREE_KEYS = ("trainer.progress", "trainer.log_every", "trainer.device", "run_dir", "eval")
+# The number of processes and the DeepSpeed config are free too: the global batch, and so the run, is the same.
+RESUME_FREE_KEYS = ("trainer.progress", "trainer.log_every", "trainer.device", "trainer.deepspeed", "run_dir", "eval")
 
 
 def config_dir() -> Path:

@@ -13,6 +13,7 @@ from .data import build_data
 from .run_folder import load_run
 from .stages.common import autocast
 from .stages.stage1 import layer_matrix_loss
+from .stages.stage2 import relative_error
 
 
 @dataclass
@@ -44,8 +45,7 @@ def layer_fits(run, batches: list[torch.Tensor], precision: str = "fp32") -> lis
             sums[i][0] += layer_matrix_loss(block, record, precision).item()
             with autocast(ids.device, precision):
                 out = block(record.block_input.float())
-            target = record.block_output.float()
-            sums[i][1] += ((out.float() - target).norm() / target.norm()).item()
+            sums[i][1] += relative_error(out, record.block_output).item()
     n = len(batches)
     return [LayerFit(i, m / n, h / n) for i, (m, h) in sums.items()]
 

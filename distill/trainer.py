@@ -16,14 +16,14 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from . import kernels
+from . import distributed, kernels
 from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import RESUME_FREE_KEYS, Config, ConfigError, StageConfig, validate, validate_against_teacher
 from .data import PackedData, build_data
 from .models.teachers import Teacher, load_teacher
 from .models.transfer import build_student
 from .stages import stage_step, trainable_parameters
-from .stages.common import autocast
+from .stages.common import autocast, collect_losses
 
 
 class NonFiniteLoss(RuntimeError):
@@ -91,8 +91,10 @@ def save_config(run_dir: Path, cfg: Config) -> None:
 class MetricsLog:
     """metrics.jsonl: appended line by line; on resume, lines past the checkpoint are dropped (they will be redone)."""
 
-    def __init__(self, path: Path, state: RunState | None):
-        self.path = path
+    def __init__(self, path: Path, state: RunState | None, writer: bool = True):
+        self.path, self.writer = path, writer
+        if not writer:  # other ranks of a DeepSpeed run: rank 0 keeps the log
+            return
         if state is not None and path.exists():
             kept = []
             for line in path.read_text().splitlines():
@@ -104,6 +106,8 @@ class MetricsLog:
             path.unlink()
 
     def write(self, row: dict) -> None:
+        if not self.writer:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -130,7 +134,16 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         kernels.set_backend(cfg.kernels)
-        self.device = pick_device(cfg.trainer.device)
+        # DeepSpeed (trainer=zero2, under torchrun): every rank runs this same trainer on its rows of each batch.
+        self.deepspeed = bool(cfg.trainer.deepspeed)
+        if self.deepspeed:
+            self.device = distributed.local_device(cfg.trainer.device)
+            self.rank, self.world = distributed.init(self.device)
+            distributed.check(cfg, self.world)
+        else:
+            self.device = pick_device(cfg.trainer.device)
+            self.rank, self.world = 0, 1
+        self.is_main = self.rank == 0
         check_resume_config(self.run_dir, cfg)
         torch.manual_seed(cfg.trainer.seed)
 
@@ -146,8 +159,10 @@ class Trainer:
         if checkpoint is not None:
             self.state, self.payload = load_checkpoint(checkpoint, self.student)
             set_rng_state(self.payload["rng"])
-        save_config(self.run_dir, cfg)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state if checkpoint else None)
+        if self.is_main:
+            save_config(self.run_dir, cfg)
+        distributed.barrier()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state if checkpoint else None, self.is_main)
 
     def heldout(self, model) -> float:
         e = self.cfg.eval
@@ -172,8 +187,8 @@ class Trainer:
                 state.stage_done, self.payload = False, None
                 continue
             self.run_stage(cfg.pipeline[state.stage_index])
-        summary = self.summary()
-        (self.run_dir / "summary.md").write_text(summary)
+        if self.is_main:
+            (self.run_dir / "summary.md").write_text(self.summary())
         return state.results
 
     def run_stage(self, name: str) -> None:
@@ -189,9 +204,17 @@ class Trainer:
             list(params.values()), lr=stage.lr, betas=(0.9, 0.95), weight_decay=stage.weight_decay
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, stage))
-        if self.payload is not None and self.payload.get("optimizer"):
-            optimizer.load_state_dict(self.payload["optimizer"]["optimizer"])
-            scheduler.load_state_dict(self.payload["optimizer"]["scheduler"])
+        saved = self.payload.get("optimizer") if self.payload is not None else None
+        if saved:
+            if saved.get("optimizer") is not None:
+                optimizer.load_state_dict(saved["optimizer"])
+            elif self.is_main:  # a DeepSpeed checkpoint keeps weights, schedule and data position, not Adam's moments
+                print(f"{name}: resuming at step {state.step} with fresh optimizer moments (DeepSpeed checkpoint)")
+            scheduler.load_state_dict(saved["scheduler"])
+        engine = None
+        if self.deepspeed:
+            config = distributed.engine_config(cfg.trainer.deepspeed, stage, self.world)
+            engine = distributed.initialize(self.student, optimizer, scheduler, config)
         step_fn = stage_step(stage)
         batches = self.data.batches(stage.batch_size, stage.seq_len, state.position)
         self.student.train()
@@ -199,7 +222,7 @@ class Trainer:
             total=total,
             initial=state.step,
             desc=f"{name} ({stage.loss})",
-            disable=not cfg.trainer.progress,
+            disable=not cfg.trainer.progress or not self.is_main,
             unit="step",
             dynamic_ncols=True,
         )
@@ -209,12 +232,24 @@ class Trainer:
         while state.step < total:
             position, batch = next(batches)
             batch = batch.to(self.device)
-            optimizer.zero_grad(set_to_none=True)
-            result = step_fn(self.student, self.teacher, batch, cfg.trainer.precision)
-            self._check_finite(name, result)
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), stage.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            if engine is None:
+                optimizer.zero_grad(set_to_none=True)
+                result = step_fn(self.student, self.teacher, batch, cfg.trainer.precision)
+                self._check_finite(name, result)
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), stage.grad_clip)
+                optimizer.step()
+                scheduler.step()
+            else:
+                # This rank's rows; the engine averages gradients over ranks (clipping, AdamW and the schedule
+                # in engine.step), and the logged losses are averaged too, so they describe the global batch.
+                local = distributed.local_rows(batch, self.rank, self.world)
+                with collect_losses() as losses:
+                    result = step_fn(self.student, self.teacher, local, cfg.trainer.precision)
+                engine.backward(torch.stack(losses).sum())
+                result = distributed.average_result(result, self.device)
+                self._check_finite(name, result)
+                engine.step()
+                grad_norm = engine.get_global_grad_norm()
             state.step, state.position, state.tokens = state.step + 1, position, state.tokens + batch.numel()
             if len(first_losses) < 3:
                 first_losses.append(result.loss)
@@ -243,6 +278,8 @@ class Trainer:
             if every and state.step % every == 0 and state.step < total:
                 self._save(f"{name}-step{state.step:06d}", optimizer, scheduler)
         bar.close()
+        if engine is not None:
+            engine.destroy()  # its gradient hooks must not fire in the next stage's engine
         self.student.eval()
         if cfg.data.holdout_tokens:
             state.results[name]["ppl"] = self.heldout(self.student)
@@ -262,10 +299,17 @@ class Trainer:
             )
 
     def _save(self, name: str, optimizer, scheduler) -> None:
-        payload = (
-            None if optimizer is None else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        )
-        save_checkpoint(self.run_dir, name, self.student, payload, self.state, self.cfg.trainer.keep_checkpoints)
+        """Rank 0 writes the checkpoint (under ZeRO 0-2 every rank holds the whole, current weights). A DeepSpeed
+        run keeps no optimizer moments in it (they are partitioned over the ranks), so it resumes on any number of
+        processes, with fresh moments."""
+        if optimizer is None:
+            payload = None
+        else:
+            moments = None if self.deepspeed else optimizer.state_dict()
+            payload = {"optimizer": moments, "scheduler": scheduler.state_dict()}
+        if self.is_main:
+            save_checkpoint(self.run_dir, name, self.student, payload, self.state, self.cfg.trainer.keep_checkpoints)
+        distributed.barrier()
 
     def summary(self) -> str:
         """Markdown: per-stage loss (mean of the first 3 steps -> of the last 3), held-out perplexity."""

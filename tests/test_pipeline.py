@@ -76,11 +76,12 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     save_checkpoint(tmp_path, "first", model, None, RunState(step=1))
     import distill.checkpoint as ckpt
 
-    def broken_save(model, path):
-        open(path, "wb").write(b"half a file")
+    def broken_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_model", broken_save)
+    monkeypatch.setattr(ckpt, "save_file", broken_save)
     with pytest.raises(OSError):
         save_checkpoint(tmp_path, "second", model, None, RunState(step=2))
     latest = latest_checkpoint(tmp_path)

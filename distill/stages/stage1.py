@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from .common import StepResult, autocast
+from .common import StepResult, autocast, backward
 
 
 def layer_matrix_loss(block, record, precision: str) -> torch.Tensor:
@@ -34,6 +34,6 @@ def matrix_step(student, teacher, input_ids: torch.Tensor, precision: str) -> St
     per_layer = {}
     for idx in student.ssd_layers:
         loss = layer_matrix_loss(student.model.layers[idx], captured[idx], precision)
-        loss.backward()
+        backward(loss)
         per_layer[idx] = loss.item()
     return StepResult(loss=sum(per_layer.values()) / len(per_layer), per_layer=per_layer)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import StepResult, autocast
+from .common import StepResult, autocast, backward
 from .divergence import divergence_reference, fused_linear_divergence
 
 
@@ -55,5 +55,5 @@ def logits_step(
         chunk_tokens=chunk_tokens,
         matmul_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
     )
-    loss.backward()
+    backward(loss)
     return StepResult(loss=loss.item(), extra={("kl" if k == "forward_kl" else k): v.item() for k, v in parts.items()})
