@@ -8,6 +8,7 @@ A crash at any moment leaves the previous checkpoint as the latest, whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -43,6 +44,21 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_folder(final: Path, prefix: str):
+    """Yield a temporary folder beside `final`, to be filled; then it replaces `final` whole in one rename. On any
+    failure it is removed and `final` is left as it was."""
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -61,18 +77,11 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer_state: dict | Non
     """Write checkpoint `name` atomically, point `latest` at it, then prune all but the newest `keep`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    final = root / name
+    with atomic_folder(final, prefix=".tmp-") as tmp:
         save_file(_weights(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _atomic_write_text(root / LATEST, name)
     checkpoints = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_order)
     for old in checkpoints[:-keep] if keep > 0 else []:

@@ -9,11 +9,10 @@ renamed into place.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from .checkpoint import atomic_folder
 from .models import student as student_package
 
 STUDENT_DIR = Path(student_package.__file__).parent
@@ -34,8 +33,7 @@ def export_student(student, tokenizer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     config_class, model_class = type(student.config).__name__, type(student).__name__
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_folder(out, prefix=f".{out.name}.tmp-") as tmp:
         student.config.auto_map = {
             "AutoConfig": f"configuration_distill.{config_class}",
             "AutoModelForCausalLM": f"modeling_distill.{model_class}",
@@ -47,12 +45,6 @@ def export_student(student, tokenizer, out_dir: str | Path) -> Path:
             shutil.copyfile(STUDENT_DIR / name, tmp / name)
         for name, source in _kernel_files().items():
             shutil.copyfile(source, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
