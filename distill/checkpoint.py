@@ -3,7 +3,8 @@
 A checkpoint is a folder under `run_dir/checkpoints/`: the student's weights (safetensors), the optimizer and
 schedule, the RNG states and a small JSON state (stage, step, data position, held-out results). It is written in a
 temporary folder and renamed into place; only then does the `latest` file (itself replaced atomically) point at it.
-A crash at any moment leaves the previous checkpoint as the latest, whole.
+A crash at any moment leaves the previous checkpoint as the latest, whole. A DeepSpeed run (distributed.py) writes
+the same files, plus DeepSpeed's own checkpoint in a `deepspeed/` sub-folder, through the same steps.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_file
+
+from .config import ConfigError
 
 LATEST = "latest"
 
@@ -79,9 +82,30 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer_state: dict | Non
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     with atomic_folder(final, prefix=".tmp-") as tmp:
-        save_file(_weights(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+        write_files(tmp, model_weights(model), optimizer_state, state)
+    point_latest(root, name, keep)
+    return final
+
+
+def write_files(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: dict | None, state: RunState):
+    """A checkpoint's files: weights (model.safetensors), trainer.pt (optimizer, schedule, RNG), state.json."""
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    torch.save({"optimizer": optimizer_state, "rng": rng_state()}, folder / "trainer.pt")
+    (folder / "state.json").write_text(json.dumps(asdict(state), indent=1))
+
+
+def publish(root: Path, tmp: Path, name: str, keep: int) -> Path:
+    """Rename a complete temporary checkpoint folder into place as `name`, then point `latest` at it."""
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    point_latest(root, name, keep)
+    return final
+
+
+def point_latest(root: Path, name: str, keep: int) -> None:
+    """`latest` names checkpoint `name` (replaced atomically); all but the newest `keep` checkpoints are removed."""
     _atomic_write_text(root / LATEST, name)
     checkpoints = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_order)
     for old in checkpoints[:-keep] if keep > 0 else []:
@@ -89,10 +113,9 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer_state: dict | Non
             shutil.rmtree(old, ignore_errors=True)
     for leftover in root.glob(".tmp-*"):  # from a crash in an earlier run
         shutil.rmtree(leftover, ignore_errors=True)
-    return final
 
 
-def _weights(model) -> dict[str, torch.Tensor]:
+def model_weights(model) -> dict[str, torch.Tensor]:
     """The model's tensors on the CPU, each stored once: a tied weight (the LM head sharing the embeddings) keeps its
     first name, and `load_model` restores the tie. Copies, because DeepSpeed's ZeRO turns parameters into views of
     one flat buffer, which safetensors refuses to save as is."""
@@ -120,12 +143,32 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(folder: Path, model) -> tuple[RunState, dict]:
     """Load weights into `model`; return the run state and the trainer payload (optimizer state, RNG)."""
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {folder} does not fit this student (missing {missing[:3]}, unexpected {unexpected[:3]}): "
-            "the student config differs from the run's; use the run's config or a new run_dir"
-        )
+    check_fits(folder, model)
+    load_model(model, str(folder / "model.safetensors"), strict=False)
     state = RunState(**json.loads((folder / "state.json").read_text()))
     payload = torch.load(folder / "trainer.pt", weights_only=False)
     return state, payload
+
+
+def check_fits(folder: Path, model) -> None:
+    """Refuse a checkpoint written for another student (other layers, another mixer form or size) before loading
+    anything: one line that names the differences and what to do."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    tensors = model.state_dict()
+    own = {k: tuple(v.shape) for k, v in tensors.items()}
+    # A tied weight is stored once, under the first of its names: its other names are not missing.
+    storage = lambda t: (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+    stored = {storage(tensors[k]) for k in own if k in saved}
+    missing = sorted(k for k in own if k not in saved and storage(tensors[k]) not in stored)
+    unexpected = sorted(set(saved) - set(own))
+    resized = sorted(k for k in set(own) & set(saved) if own[k] != saved[k])
+    if missing or unexpected or resized:
+        found = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else ""]
+        found.append(f"{resized[0]} is {list(saved[resized[0]])}, not {list(own[resized[0]])}" if resized else "")
+        raise ConfigError(
+            f"checkpoint {folder} does not fit this student ({'; '.join(x for x in found if x)}): the student config "
+            "differs from the run's; use the run's config or a new run_dir"
+        )

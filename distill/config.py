@@ -97,6 +97,14 @@ class TrainerConfig:
     # A DeepSpeed config (ZeRO stage, offload, ...; conf/trainer/zero2.yaml) for `torchrun ... distill train`: the
     # batch shape and clipping come from each stage. Empty: one process, no DeepSpeed.
     deepspeed: dict[str, Any] = field(default_factory=dict)
+    # With `deepspeed`: partition the frozen teacher's weights over the ranks too (ZeRO-3 without an optimizer), for
+    # a teacher that does not fit on one device. False: every rank holds a whole copy (no gathers in its forward).
+    teacher_zero3: bool = False
+    # With `deepspeed`, the optimizer handed to it: auto (torch's AdamW, fused on CUDA and foreach elsewhere, so
+    # nothing compiles at start-up; DeepSpeed's CPU Adam when the config offloads the optimizer, which DeepSpeed
+    # requires), torch_adamw, fused_adam (DeepSpeed's; compiles a CUDA op on first use) or cpu_adam (compiles a C++
+    # op on first use).
+    optimizer: str = "auto"
 
 
 @dataclass
@@ -188,8 +196,12 @@ LOSSES = ("matrix", "hidden", "logits")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TRAINABLE = ("mixers", "ssd_blocks", "all_but_embeddings", "all")
 # Keys that may differ when a run folder is resumed: they change how a run is watched, not what it computes.
-# The number of processes and the DeepSpeed config are free too: the global batch, and so the run, is the same.
-RESUME_FREE_KEYS = ("trainer.progress", "trainer.log_every", "trainer.device", "trainer.deepspeed", "run_dir", "eval")
+# The number of processes and the DeepSpeed settings are free too: the global batch, and so the run, is the same
+# (and a folder started before a DeepSpeed key existed still resumes).
+RESUME_FREE_KEYS = (
+    "trainer.progress", "trainer.log_every", "trainer.device", "trainer.deepspeed", "trainer.teacher_zero3",
+    "trainer.optimizer", "run_dir", "eval",
+)
 
 
 def config_dir() -> Path:

@@ -23,7 +23,7 @@ from .data import PackedData, build_data
 from .models.teachers import Teacher, load_teacher
 from .models.transfer import build_student
 from .stages import stage_step, trainable_parameters
-from .stages.common import autocast, collect_losses
+from .stages.common import autocast
 
 
 class NonFiniteLoss(RuntimeError):
@@ -134,27 +134,35 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         kernels.set_backend(cfg.kernels)
-        # DeepSpeed (trainer=zero2, under torchrun): every rank runs this same trainer on its rows of each batch.
+        # DeepSpeed (trainer=zero2/zero3, under torchrun): every rank runs this same trainer on its rows of each
+        # batch (distributed.py).
         self.deepspeed = bool(cfg.trainer.deepspeed)
         if self.deepspeed:
             self.device = distributed.local_device(cfg.trainer.device)
+            distributed.check(cfg, distributed.world_from_env()[1], self.device)  # before any process waits on another
             self.rank, self.world = distributed.init(self.device)
-            distributed.check(cfg, self.world)
         else:
+            if cfg.trainer.teacher_zero3:
+                raise ConfigError(
+                    "trainer.teacher_zero3 partitions the teacher with DeepSpeed: use it with trainer=zero2 or zero3"
+                )
             self.device = pick_device(cfg.trainer.device)
             self.rank, self.world = 0, 1
         self.is_main = self.rank == 0
         check_resume_config(self.run_dir, cfg)
         torch.manual_seed(cfg.trainer.seed)
 
-        self.teacher: Teacher = load_teacher(cfg.teacher)
+        with distributed.main_process_first(self.is_main):  # a teacher download lands in the cache once
+            self.teacher: Teacher = load_teacher(cfg.teacher)
         keep = validate_against_teacher(cfg, self.teacher.num_layers, self.teacher.max_positions)
         self.student = build_student(self.teacher, cfg.student, keep)
+        if cfg.trainer.teacher_zero3:  # only once the student has copied the teacher's whole weights
+            self.teacher = distributed.partition_teacher(self.teacher, cfg.trainer.deepspeed, self.device)
         self.teacher.to(self.device)
         self.student.to(self.device)
         self.data: PackedData = build_data(cfg.data, self.teacher.tokenizer)
 
-        checkpoint = latest_checkpoint(self.run_dir)
+        checkpoint = self.checkpoint = latest_checkpoint(self.run_dir)
         self.state, self.payload = RunState(), None
         if checkpoint is not None:
             self.state, self.payload = load_checkpoint(checkpoint, self.student)
@@ -189,6 +197,7 @@ class Trainer:
             self.run_stage(cfg.pipeline[state.stage_index])
         if self.is_main:
             (self.run_dir / "summary.md").write_text(self.summary())
+        distributed.barrier()  # rank 0 has written everything before any process reports the run done
         return state.results
 
     def run_stage(self, name: str) -> None:
@@ -200,21 +209,28 @@ class Trainer:
             p.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(
-            list(params.values()), lr=stage.lr, betas=(0.9, 0.95), weight_decay=stage.weight_decay
-        )
+        if self.deepspeed:
+            optimizer = distributed.make_optimizer(list(params.values()), stage, cfg.trainer, self.device)
+        else:
+            optimizer = torch.optim.AdamW(
+                list(params.values()), lr=stage.lr, betas=(0.9, 0.95), weight_decay=stage.weight_decay
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, stage))
         saved = self.payload.get("optimizer") if self.payload is not None else None
-        if saved:
-            if saved.get("optimizer") is not None:
-                optimizer.load_state_dict(saved["optimizer"])
-            elif self.is_main:  # a DeepSpeed checkpoint keeps weights, schedule and data position, not Adam's moments
-                print(f"{name}: resuming at step {state.step} with fresh optimizer moments (DeepSpeed checkpoint)")
-            scheduler.load_state_dict(saved["scheduler"])
         engine = None
         if self.deepspeed:
             config = distributed.engine_config(cfg.trainer.deepspeed, stage, self.world)
-            engine = distributed.initialize(self.student, optimizer, scheduler, config)
+            engine = distributed.initialize(self.student, optimizer, scheduler, config, stage)
+            # DeepSpeed's own checkpoint where this number of processes wrote it; else the consolidated one's.
+            why = distributed.resume_engine(engine, self.checkpoint, self.world) if saved else None
+            if why:
+                self._fresh_moments(name, optimizer, scheduler, saved, why)
+        elif saved:
+            if saved.get("optimizer") is not None:
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+            else:  # a DeepSpeed checkpoint's moments are partitioned over its processes (in its deepspeed/ folder)
+                self._fresh_moments(name, optimizer, scheduler, saved, "it was written by DeepSpeed")
         step_fn = stage_step(stage)
         batches = self.data.batches(stage.batch_size, stage.seq_len, state.position)
         self.student.train()
@@ -239,14 +255,10 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), stage.grad_clip)
                 optimizer.step()
                 scheduler.step()
-            else:
-                # This rank's rows; the engine averages gradients over ranks (clipping, AdamW and the schedule
-                # in engine.step), and the logged losses are averaged too, so they describe the global batch.
-                local = distributed.local_rows(batch, self.rank, self.world)
-                with collect_losses() as losses:
-                    result = step_fn(self.student, self.teacher, local, cfg.trainer.precision)
-                engine.backward(torch.stack(losses).sum())
-                result = distributed.average_result(result, self.device)
+            else:  # this rank's rows; losses and gradients averaged over the ranks
+                result = distributed.forward_backward(
+                    engine, step_fn, self.teacher, batch, cfg.trainer.precision, self.rank, self.world
+                )
                 self._check_finite(name, result)
                 engine.step()
                 grad_norm = engine.get_global_grad_norm()
@@ -276,17 +288,17 @@ class Trainer:
             record["per_layer"] = result.per_layer
             every = cfg.trainer.checkpoint_every
             if every and state.step % every == 0 and state.step < total:
-                self._save(f"{name}-step{state.step:06d}", optimizer, scheduler)
+                self._save(f"{name}-step{state.step:06d}", optimizer, scheduler, engine)
         bar.close()
-        if engine is not None:
-            engine.destroy()  # its gradient hooks must not fire in the next stage's engine
         self.student.eval()
-        if cfg.data.holdout_tokens:
+        if cfg.data.holdout_tokens:  # before the engine goes: under ZeRO-3 its hooks gather the weights
             state.results[name]["ppl"] = self.heldout(self.student)
             self.metrics.write({"event": "heldout", "stage": name, "student": state.results[name]["ppl"]})
         state.results[name]["tokens"] = state.tokens
         state.stage_done = True
-        self._save(f"{name}-done", None, None)
+        self._save(f"{name}-done", None, None, engine)
+        if engine is not None:
+            engine.destroy()  # its hooks must not fire in the next stage's engine
 
     def _check_finite(self, stage: str, result) -> None:
         bad = [i for i, v in result.per_layer.items() if not math.isfinite(v)]
@@ -298,18 +310,29 @@ class Trainer:
                 f"Lower stages.{stage}.lr or use trainer.precision=fp32"
             )
 
-    def _save(self, name: str, optimizer, scheduler) -> None:
-        """Rank 0 writes the checkpoint (under ZeRO 0-2 every rank holds the whole, current weights). A DeepSpeed
-        run keeps no optimizer moments in it (they are partitioned over the ranks), so it resumes on any number of
-        processes, with fresh moments."""
+    def _save(self, name: str, optimizer, scheduler, engine=None) -> None:
+        """A checkpoint. Under DeepSpeed its optimizer moments are DeepSpeed's own files (partitioned over the ranks,
+        in the checkpoint's deepspeed/ folder); the consolidated weights, schedule and data position beside them
+        resume a run on any number of processes."""
         if optimizer is None:
             payload = None
         else:
             moments = None if self.deepspeed else optimizer.state_dict()
             payload = {"optimizer": moments, "scheduler": scheduler.state_dict()}
+        keep = self.cfg.trainer.keep_checkpoints
+        if engine is not None:
+            distributed.save(self.run_dir, name, engine, self.student, payload, self.state, keep, self.rank, self.world)
+        else:
+            save_checkpoint(self.run_dir, name, self.student, payload, self.state, keep)
+
+    def _fresh_moments(self, name: str, optimizer, scheduler, saved: dict, why: str) -> None:
+        """Resume a stage from the consolidated checkpoint without its optimizer moments: the schedule goes on where
+        it was, and the fresh optimizer takes the schedule's current learning rate (not the first step's)."""
+        scheduler.load_state_dict(saved["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
         if self.is_main:
-            save_checkpoint(self.run_dir, name, self.student, payload, self.state, self.cfg.trainer.keep_checkpoints)
-        distributed.barrier()
+            print(f"{name}: resuming at step {self.state.step} with fresh optimizer moments ({why})", flush=True)
 
     def summary(self) -> str:
         """Markdown: per-stage loss (mean of the first 3 steps -> of the last 3), held-out perplexity."""
