@@ -12,6 +12,7 @@ teacher's names and a hybrid's attention layers are exactly the teacher's.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,11 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
 from .configuration_distill import DistillLlamaConfig, DistillPhiConfig, DistillQwen2Config, MixerSpec
 from .ssd_kernels import causal_conv1d, causal_conv1d_step, ssd, ssd_decode_step, ssd_matrix
+
+# transformers renamed the cache argument of its models' forwards, and the output field, from `past_key_values` to
+# `cache` (5.2x releases); the student takes either and speaks the installed version's own.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass
@@ -215,10 +221,13 @@ class SSDMixer(nn.Module):
         inputs, _ = self.ssd_inputs(hidden_states)
         return ssd_matrix(inputs.log_a, inputs.B.float(), inputs.C.float(), inputs.scale)
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, hidden_states: torch.Tensor, past_key_values=None, cache=None, **kwargs
+    ) -> tuple[torch.Tensor, None]:
         # Called by the teacher family's decoder layer in place of its attention: attention-only keyword arguments
         # (position embeddings, masks) do not concern an SSD layer and are ignored. With a DistillCache, the layer
         # continues from its cached conv and SSM states and leaves the new ones there.
+        past_key_values = cache if cache is not None else past_key_values
         slot = past_key_values.layers[self.layer_idx] if isinstance(past_key_values, DistillCache) else None
         if slot is None:
             inputs, _ = self.ssd_inputs(hidden_states)
@@ -314,7 +323,7 @@ class GraphDecoder:
         body = self.model.model
         h = body.embed_tokens(self.tokens)
         for layer in body.layers:
-            out = layer(h, past_key_values=self.cache)
+            out = layer(h, **{CACHE_ARG: self.cache})
             h = out[0] if isinstance(out, tuple) else out
         norm = body.norm if hasattr(body, "norm") else body.final_layernorm
         logits = self.model.lm_head(norm(h))
@@ -409,10 +418,18 @@ class StudentMixin:
         return False
 
     def forward(
-        self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, logits_to_keep=0, **kwargs
+        self,
+        input_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        use_cache=None,
+        logits_to_keep=0,
+        cache=None,
+        **kwargs,
     ):
         # `logits_to_keep` is named so that generate() finds it in the signature and asks for the last position's
         # logits only: a prefill of 64 x 8192 tokens would otherwise build 26 GB of logits.
+        past_key_values = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DistillCache(self.config)
@@ -421,12 +438,12 @@ class StudentMixin:
             past_key_values.padding_mask = attention_mask if is_2d else None
             logits = self._graph_step(input_ids, past_key_values)
             if logits is not None:
-                return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+                return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: past_key_values})
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{CACHE_ARG: past_key_values},
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
