@@ -2,14 +2,17 @@
 
     python bench/train_throughput.py --teacher-gguf /root/teacher/smollm2.gguf [--batch 16] [--seq-len 2048]
                                      [--steps 10] [--out FILE]
-    python bench/train_throughput.py --device cpu --tiny          (a smoke run on the tiny random teacher)
+    python bench/train_throughput.py --random-smollm2     (SmolLM2-135M's shapes, random weights: no GGUF needed)
+    python bench/train_throughput.py --device cpu --tiny  (a smoke run on the tiny random teacher)
 
 Teacher SmolLM2-135M-Instruct (bf16 weights), a pure discrete-Mamba-2 student (all 30 layers SSD), bf16 autocast,
-kernels auto (Triton on CUDA). Each stage is its trainer step function (distill.stages.stage_step: one teacher
-forward, the stage's loss and backward) plus gradient clipping and a fused AdamW step over the stage's trainable
-set; 3 warm-up steps, then `--steps` timed steps between CUDA synchronisations. Stage 3 is timed with the fused,
-chunked divergence (what training runs) and, for comparison, with full-vocabulary logits (the reference path, built
-here from `divergence_reference`). The teacher's forward alone (no capture, logits) is the scale.
+kernels auto (Triton on CUDA). Each stage is its trainer step (distill.stages.stage_step: one teacher forward, the
+stage's loss and backward, gradient clipping, AdamW over the stage's trainable set), run two ways as the trainer
+runs it: eagerly (torch's AdamW) and captured once as a CUDA graph and replayed (distill.graph_step, fused AdamW;
+`trainer.cuda_graphs`, the default on CUDA). 3 warm-up steps, then `--steps` timed steps between CUDA
+synchronisations; each step reads its losses back to the host, as training does. Stage 3 runs the fused, chunked
+divergence (what training runs) and, for comparison, full-vocabulary logits (the reference path, eager). The
+teacher's forward alone (no capture, logits) is the scale.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ from distill.models.transfer import build_student  # noqa: E402
 from distill.stages import stage_step, trainable_parameters  # noqa: E402
 from distill.stages.common import StepResult, autocast  # noqa: E402
 from distill.stages.divergence import divergence_reference  # noqa: E402
+from distill.graph_step import capture_step, make_adamw  # noqa: E402
+
+# SmolLM2-135M-Instruct's architecture (its GGUF's metadata), for --random-smollm2.
+SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+               tie_word_embeddings=True)
 
 
 def full_logits_step(student, teacher, ids, precision):
@@ -41,7 +50,7 @@ def full_logits_step(student, teacher, ids, precision):
         s = student(input_ids=ids, use_cache=False).logits
     loss, _ = divergence_reference(s[:, :-1], t[:, :-1])
     loss.backward()
-    return StepResult(loss=loss.item())
+    return StepResult(loss=loss.detach())
 
 
 def sync(device):
@@ -49,23 +58,35 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_stage(name, step, trainable, student, teacher, ids, precision, steps, device) -> dict:
+def time_stage(name, step, trainable, student, teacher, ids, precision, steps, device, graph=False) -> dict:
     params = trainable_parameters(student, trainable)
     for p in student.parameters():
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(list(params.values()), lr=1e-5, fused=device.type == "cuda")
+    plist = list(params.values())
+    opt = make_adamw(plist, 1e-5, 0.0, device, graphs=graph)
+    if not graph and device.type == "cuda":
+        opt = torch.optim.AdamW(plist, lr=1e-5, betas=(0.9, 0.95), fused=True)
     student.train()
+    label = f"{name}, {'CUDA graph' if graph else 'eager'}"
+    captured = None
 
     def one():
+        if captured is not None:
+            result, _ = captured(ids)
+            return result.to_floats()
         opt.zero_grad(set_to_none=True)
-        result = step(student, teacher, ids, precision)
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        result = step(student, teacher, ids, precision).to_floats()
+        torch.nn.utils.clip_grad_norm_(plist, 1.0)
         opt.step()
         return result
 
     try:
+        if graph:
+            captured, why = capture_step(step, student, teacher, plist, opt, 1.0, precision, ids)
+            if captured is None:
+                return {"stage": label, "failed": why}
         for _ in range(3):
             one()
         sync(device)
@@ -76,10 +97,13 @@ def time_stage(name, step, trainable, student, teacher, ids, precision, steps, d
             loss = one().loss
         sync(device)
     except torch.OutOfMemoryError:
-        return {"stage": name, "oom": True}
+        return {"stage": label, "oom": True}
+    finally:
+        if captured is not None:
+            captured.close()
     seconds = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"stage": name, "tok_s": ids.numel() / seconds, "ms": seconds * 1e3, "peak_gb": peak, "loss": loss}
+    return {"stage": label, "tok_s": ids.numel() / seconds, "ms": seconds * 1e3, "peak_gb": peak, "loss": loss}
 
 
 def main() -> None:
@@ -91,12 +115,16 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=4096)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--random-smollm2", action="store_true", help="SmolLM2-135M's shapes with random weights")
+    parser.add_argument("--no-eager", action="store_true", help="time the CUDA-graph path only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.tiny:
         tcfg = compose(["experiment=tiny"]).teacher
         args.batch, args.seq_len, args.steps = 2, 128, 2
+    elif args.random_smollm2:
+        tcfg = TeacherConfig(name="smollm2-shaped", source="random", architecture=SMOLLM2, dtype="bfloat16")
     else:
         if not Path(args.teacher_gguf).is_file():
             sys.exit(f"no teacher at {args.teacher_gguf}: bring the GGUF over as ../shared/device/README.md says")
@@ -125,19 +153,24 @@ def main() -> None:
         ("stage 3 (logits fused, all_but_embeddings)",
          StageConfig(loss="logits", tokens=1, chunk_tokens=args.chunk_tokens), "all_but_embeddings"),
     ]
+    modes = ([] if args.no_eager else [False]) + ([True] if device.type == "cuda" else [])
     for name, cfg, trainable in stages:
-        rows.append(time_stage(name, stage_step(cfg), trainable, student, teacher, ids, precision, args.steps, device))
+        for graph in modes:
+            rows.append(time_stage(name, stage_step(cfg), trainable, student, teacher, ids, precision, args.steps,
+                                   device, graph))
+            print(rows[-1], flush=True)
+    if not args.no_eager:
+        rows.append(time_stage("stage 3 (full logits reference)", full_logits_step, "all_but_embeddings", student,
+                               teacher, ids, precision, args.steps, device))
         print(rows[-1], flush=True)
-    rows.append(time_stage("stage 3 (full logits reference)", full_logits_step, "all_but_embeddings", student,
-                           teacher, ids, precision, args.steps, device))
-    print(rows[-1], flush=True)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     lines = [
         f"Date {datetime.date.today()}. Device: {name}, torch {torch.__version__}. Teacher "
-        f"{'tiny-llama' if args.tiny else 'SmolLM2-135M-Instruct'} (bf16 weights) -> pure discrete-Mamba-2 student "
+        f"{'tiny-llama' if args.tiny else 'SmolLM2-135M (random weights)' if args.random_smollm2 else 'SmolLM2-135M-Instruct'} (bf16 weights) -> pure discrete-Mamba-2 student "
         f"(all layers SSD); bf16 autocast; batch {args.batch} x {args.seq_len} tokens; fused AdamW; "
-        f"stage-3 chunk {args.chunk_tokens} tokens; mean of {args.steps} steps after 3 warm-up steps.",
+        f"stage-3 chunk {args.chunk_tokens} tokens; mean of {args.steps} steps after 3 warm-up steps; eager steps use "
+        "fused AdamW too.",
         "",
         "| what | tokens/s | ms per step | peak GB |",
         "| --- | --- | --- | --- |",
@@ -145,6 +178,8 @@ def main() -> None:
     for r in rows:
         if r.get("oom"):
             lines.append(f"| {r['stage']} | out of memory | | |")
+        elif r.get("failed"):
+            lines.append(f"| {r['stage']} | not captured: {r['failed'][:80]} | | |")
         else:
             lines.append(f"| {r['stage']} | {r['tok_s']:,.0f} | {r['ms']:.1f} | {r['peak_gb']:.1f} |")
     table = "\n".join(lines)

@@ -94,6 +94,11 @@ class TrainerConfig:
     log_every: int = 1
     seed: int = 0
     progress: bool = True
+    # On CUDA without DeepSpeed: capture each stage's whole step (forward, loss, backward, clipping, fused AdamW) as
+    # one CUDA graph and replay it for every batch (distill/graph_step.py); a stage whose step cannot be captured
+    # says why and runs eagerly. It pays where launching kernels sets the pace (small batches, slow hosts); at
+    # batch 16 x 2048 on an H200 the step is bound by the GPU and replaying it gained nothing (bench/RESULTS.md).
+    cuda_graphs: bool = False
     # A DeepSpeed config (ZeRO stage, offload, ...; conf/trainer/zero2.yaml) for `torchrun ... distill train`: the
     # batch shape and clipping come from each stage. Empty: one process, no DeepSpeed.
     deepspeed: dict[str, Any] = field(default_factory=dict)
@@ -200,7 +205,7 @@ TRAINABLE = ("mixers", "ssd_blocks", "all_but_embeddings", "all")
 # (and a folder started before a DeepSpeed key existed still resumes).
 RESUME_FREE_KEYS = (
     "trainer.progress", "trainer.log_every", "trainer.device", "trainer.deepspeed", "trainer.teacher_zero3",
-    "trainer.optimizer", "run_dir", "eval",
+    "trainer.optimizer", "trainer.cuda_graphs", "run_dir", "eval",
 )
 
 

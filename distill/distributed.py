@@ -288,7 +288,7 @@ def forward_backward(engine, step_fn, teacher, batch: torch.Tensor, precision: s
     with collect_losses() as losses:
         result = step_fn(engine.module, teacher, local_rows(batch, rank, world), precision)
     engine.backward(torch.stack(losses).sum())
-    return average_result(result, batch.device)
+    return average_result(result.to_floats(), batch.device)
 
 
 class PartitionedTeacher(Teacher):

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from . import distributed, kernels
+from . import distributed, graph_step, kernels
 from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import RESUME_FREE_KEYS, Config, ConfigError, StageConfig, validate, validate_against_teacher
 from .data import PackedData, build_data
@@ -209,13 +209,14 @@ class Trainer:
             p.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
+        # A captured step (CUDA, one process) replays the whole step from one CUDA graph: the host's Python no
+        # longer sets the pace.
+        graphs = cfg.trainer.cuda_graphs and self.device.type == "cuda" and not self.deepspeed
         if self.deepspeed:
             optimizer = distributed.make_optimizer(list(params.values()), stage, cfg.trainer, self.device)
         else:
-            optimizer = torch.optim.AdamW(
-                list(params.values()), lr=stage.lr, betas=(0.9, 0.95), weight_decay=stage.weight_decay
-            )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, stage))
+            optimizer = graph_step.make_adamw(list(params.values()), stage.lr, stage.weight_decay, self.device, graphs)
+        scheduler = graph_step.lambda_schedule(optimizer, lambda s: lr_factor(s, total, stage))
         saved = self.payload.get("optimizer") if self.payload is not None else None
         engine = None
         if self.deepspeed:
@@ -227,8 +228,8 @@ class Trainer:
                 self._fresh_moments(name, optimizer, scheduler, saved, why)
         elif saved:
             if saved.get("optimizer") is not None:
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
+                graph_step.load_optimizer_state(optimizer, saved["optimizer"])
+                graph_step.load_schedule_state(scheduler, saved["scheduler"])
             else:  # a DeepSpeed checkpoint's moments are partitioned over its processes (in its deepspeed/ folder)
                 self._fresh_moments(name, optimizer, scheduler, saved, "it was written by DeepSpeed")
         step_fn = stage_step(stage)
@@ -245,12 +246,27 @@ class Trainer:
         record = state.results.setdefault(name, {})
         first_losses, last_losses = record.setdefault("first", []), record.setdefault("recent", [])
         t0, tokens0 = time.perf_counter(), state.tokens
+        captured = None
         while state.step < total:
             position, batch = next(batches)
             batch = batch.to(self.device)
-            if engine is None:
+            if graphs and captured is None:
+                captured, why = graph_step.capture_step(
+                    step_fn, self.student, self.teacher, list(params.values()), optimizer, stage.grad_clip,
+                    cfg.trainer.precision, batch,
+                )
+                if captured is None:
+                    graphs = False
+                    print(f"{name}: runs eagerly: its step could not be captured as a CUDA graph ({why})", flush=True)
+            if captured is not None:
+                # A non-finite step left the weights as they were (the graph skips its optimizer update).
+                result, grad_norm = captured(batch)
+                result, grad_norm = result.to_floats(), float(grad_norm)
+                self._check_finite(name, result)
+                scheduler.step()
+            elif engine is None:
                 optimizer.zero_grad(set_to_none=True)
-                result = step_fn(self.student, self.teacher, batch, cfg.trainer.precision)
+                result = step_fn(self.student, self.teacher, batch, cfg.trainer.precision).to_floats()
                 self._check_finite(name, result)
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), stage.grad_clip)
                 optimizer.step()
@@ -275,7 +291,7 @@ class Trainer:
                         "step": state.step,
                         "tokens": state.tokens,
                         "loss": result.loss,
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": float(scheduler.get_last_lr()[0]),
                         "grad_norm": float(grad_norm),
                         "tokens_per_s": tok_s,
                         "per_layer": result.per_layer,
@@ -290,6 +306,8 @@ class Trainer:
             if every and state.step % every == 0 and state.step < total:
                 self._save(f"{name}-step{state.step:06d}", optimizer, scheduler, engine)
         bar.close()
+        if captured is not None:
+            captured.close()
         self.student.eval()
         if cfg.data.holdout_tokens:  # before the engine goes: under ZeRO-3 its hooks gather the weights
             state.results[name]["ppl"] = self.heldout(self.student)

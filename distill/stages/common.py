@@ -10,11 +10,32 @@ import torch
 
 @dataclass
 class StepResult:
-    """One step's loss (already backpropagated) and its per-layer parts, as floats for logging."""
+    """One step's loss (already backpropagated) and its per-layer parts.
 
-    loss: float
-    per_layer: dict[int, float] = field(default_factory=dict)
-    extra: dict[str, float] = field(default_factory=dict)
+    The step functions leave them as 0-d tensors on the device, so that a step never waits for the GPU (and can be
+    captured as a CUDA graph); `to_floats` reads them all back at once, for logging."""
+
+    loss: torch.Tensor | float
+    per_layer: dict[int, torch.Tensor | float] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+    def to_floats(self) -> StepResult:
+        """The same result with plain floats, in one device-to-host copy."""
+        values = [self.loss, *self.per_layer.values(), *self.extra.values()]
+        tensors = [v for v in values if torch.is_tensor(v)]
+        if not tensors:
+            return self
+        device = tensors[0].device
+        flat = torch.stack(
+            [v.detach().reshape(()).float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
+             for v in values]
+        ).tolist()
+        n = len(self.per_layer)
+        return StepResult(
+            loss=flat[0],
+            per_layer=dict(zip(self.per_layer, flat[1 : 1 + n])),
+            extra=dict(zip(self.extra, flat[1 + n :])),
+        )
 
 
 _collected: list[torch.Tensor] | None = None  # set by `collect_losses`; None: each loss is backpropagated at once

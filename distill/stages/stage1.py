@@ -35,5 +35,5 @@ def matrix_step(student, teacher, input_ids: torch.Tensor, precision: str) -> St
     for idx in student.ssd_layers:
         loss = layer_matrix_loss(student.model.layers[idx], captured[idx], precision)
         backward(loss)
-        per_layer[idx] = loss.item()
-    return StepResult(loss=sum(per_layer.values()) / len(per_layer), per_layer=per_layer)
+        per_layer[idx] = loss.detach()
+    return StepResult(loss=torch.stack(list(per_layer.values())).mean(), per_layer=per_layer)

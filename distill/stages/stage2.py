@@ -30,5 +30,5 @@ def hidden_step(student, teacher, input_ids: torch.Tensor, precision: str) -> St
         out = out[0] if isinstance(out, tuple) else out
         loss = relative_error(out, record.block_output)
         backward(loss)
-        per_layer[idx] = loss.item()
-    return StepResult(loss=sum(per_layer.values()) / len(per_layer), per_layer=per_layer)
+        per_layer[idx] = loss.detach()
+    return StepResult(loss=torch.stack(list(per_layer.values())).mean(), per_layer=per_layer)

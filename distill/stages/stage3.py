@@ -56,4 +56,4 @@ def logits_step(
         matmul_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
     )
     backward(loss)
-    return StepResult(loss=loss.item(), extra={("kl" if k == "forward_kl" else k): v.item() for k, v in parts.items()})
+    return StepResult(loss=loss.detach(), extra={("kl" if k == "forward_kl" else k): v for k, v in parts.items()})
