@@ -108,3 +108,29 @@ def test_cuda_graph_decode_equals_eager(teacher_name, tiny_llama, tiny_phi):
         assert torch.equal(out.sequences, eager.sequences)
         for a, b in zip(out.logits, eager.logits):
             assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("form, keep", [("discrete", ()), ("mamba2", (1,))])
+def test_prefill_in_chunks_equals_one_pass(tiny_llama, form, keep):
+    """A prompt prefilled 8 tokens at a time gives one pass's logits and generation, left padding included where
+    the padding is longer than a chunk (it must not enter the state in the second chunk either)."""
+    student = student_for(tiny_llama, form, keep)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids = torch.randint(0, 256, (2, 29), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :11] = 0
+    ids[0, :11] = 256
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=256, eos_token_id=None,
+                  output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        student.prefill_chunk_size = None
+        one = student.generate(ids, **kwargs)
+        full = student(input_ids=ids[1:], use_cache=True).logits
+        student.prefill_chunk_size = 8
+        chunked = student.generate(ids, **kwargs)
+        full_chunked = student(input_ids=ids[1:], use_cache=True).logits
+    assert torch.equal(chunked.sequences, one.sequences)
+    for a, b in zip(chunked.logits, one.logits):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5
+    assert full_chunked.shape == full.shape  # every position's logits when all were asked for
+    assert ((full_chunked - full).norm() / full.norm()).item() < 1e-5

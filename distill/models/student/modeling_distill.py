@@ -237,7 +237,9 @@ class SSDMixer(nn.Module):
         if L == 1 and slot.ssm_state is not None:
             out = self.step(hidden_states, slot)
         else:
-            padding = past_key_values.padding_mask if slot.ssm_state is None else None
+            # The mask's last L columns are this call's tokens: padding never enters the state, whichever chunk
+            # of a prompt it falls in.
+            padding = past_key_values.padding_mask
             inputs, slot.conv_state = self.ssd_inputs(hidden_states, slot.conv_state, padding)
             y, slot.ssm_state = self.scan(inputs, slot.ssm_state)
             out = self.output(y, inputs.z)
@@ -384,6 +386,9 @@ class StudentMixin:
             if idx not in keep:
                 layer.self_attn = SSDMixer(config.hidden_size, spec, idx)
         self._graph_decoders: dict[int, GraphDecoder] | None = None
+        # A longer prompt is prefilled through the cache this many tokens at a time (None: in one pass), so that
+        # prefill memory stays that of one chunk however long the prompt is; the logits are the one pass's.
+        self.prefill_chunk_size: int | None = 2048
 
     def enable_cuda_graph_decode(self, enabled: bool = True):
         """Decode one-token steps of generate() by replaying a CUDA graph (pure-SSD students on CUDA, no grad).
@@ -439,6 +444,11 @@ class StudentMixin:
             logits = self._graph_step(input_ids, past_key_values)
             if logits is not None:
                 return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: past_key_values})
+            chunk = self.prefill_chunk_size
+            if chunk and input_ids is not None and input_ids.shape[1] > chunk and isinstance(logits_to_keep, int):
+                return self._prefill_in_chunks(
+                    input_ids, attention_mask, past_key_values, use_cache, logits_to_keep, chunk, kwargs
+                )
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -447,6 +457,32 @@ class StudentMixin:
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _prefill_in_chunks(self, input_ids, attention_mask, cache, use_cache, logits_to_keep, chunk, kwargs):
+        """input_ids through `cache` `chunk` tokens at a time: each SSD layer carries its conv and SSM state from
+        chunk to chunk, a kept attention layer its KV cache. Logits as one pass would give them (earlier chunks'
+        only where all positions were asked for, logits_to_keep=0)."""
+        L = input_ids.shape[1]
+        logits, out = [], None
+        for start in range(0, L, chunk):
+            end = min(start + chunk, L)
+            part = dict(kwargs)
+            for key in ("position_ids", "cache_position"):
+                if part.get(key) is not None:
+                    part[key] = part[key][..., start:end]
+            mask = attention_mask
+            if mask is not None and mask.dim() == 2:  # covers the cached tokens and all of input_ids
+                mask = mask[:, : mask.shape[1] - (L - end)]
+            keep = logits_to_keep if end == L or logits_to_keep == 0 else 1
+            out = self(
+                input_ids=input_ids[:, start:end], attention_mask=mask, past_key_values=cache, use_cache=use_cache,
+                logits_to_keep=keep, **part,
+            )
+            if logits_to_keep == 0:
+                logits.append(out.logits)
+        if logits_to_keep == 0:
+            out.logits = torch.cat(logits, dim=1)
+        return out
 
     @property
     def ssd_layers(self) -> list[int]:
