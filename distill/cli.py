@@ -12,11 +12,13 @@ import sys
 GROUPS_HELP = """configuration groups (pick one with GROUP=NAME):
   teacher      smollm2 (default), phi-1_5, llama-3.2-1b, tiny-llama, tiny-phi
   student      discrete (Phi-Mamba mixer, default), mamba2
-  data         gutenberg-sample (bundled, default), c4 (hub); mix in generated text with
-               data.mix_path=DIR/shard-*.jsonl.gz data.mix_fraction=0.5 data.token_field=input_ids
+  data         gutenberg-sample (bundled, default), nltk-train ($DISTILL_DATA_DIR), c4 (hub); mix in generated
+               text with data.mix_path=DIR/shard-*.jsonl.gz data.mix_fraction=0.5 data.token_field=input_ids
   stages       mohawk (stage1 matrix, stage2 hidden, stage3 logits)
-  trainer      default, zero2 (DeepSpeed ZeRO-2: torchrun --nproc_per_node=N -m distill train trainer=zero2)
-  experiment   cpu_demo (default), tiny; ~experiment drops the preset
+  trainer      default, zero2, zero3 (DeepSpeed ZeRO: torchrun --nproc_per_node=N -m distill train trainer=zero2;
+               zero3 also shards the student and, with trainer.teacher_zero3, the teacher)
+  experiment   cpu_demo (default), tiny, gpu_smollm2 (one GPU, all 30 layers), ablation_123 / _23 / _3 (stage
+               ablation); ~experiment drops the preset
 
 most used overrides:
   run_dir=runs/NAME                   where config, metrics.jsonl, checkpoints and summary.md go
@@ -28,6 +30,7 @@ most used overrides:
   data.path=/data/*.jsonl.gz          local json/jsonl/txt(.gz) files, or a hub dataset name
   teacher.source=hub teacher.path=HuggingFaceTB/SmolLM2-135M-Instruct
   trainer.device=cuda trainer.precision=bf16 kernels=torch
+  trainer.cuda_graphs=true            replay each stage's whole step as one CUDA graph (CUDA, one process)
 
 examples:
   distill train                                     the CPU demo (SmolLM2, 4 layers converted)

@@ -49,3 +49,18 @@ def test_gpu_preset_composes_and_validates(monkeypatch):
     validate(cfg)
     assert cfg.data.path == "/data/train_text/nltk_*.jsonl.gz" and cfg.data.mix_fraction == 0.5
     assert cfg.student.form == "mamba2" and cfg.stages["stage3"].seq_len == 2048
+
+
+def test_ablation_presets_share_one_budget(monkeypatch):
+    """The stage ablation's three presets: the GPU recipe, different stages, the same number of tokens in all."""
+    from distill.cli import compose
+    from distill.config import validate
+
+    monkeypatch.setenv("DISTILL_DATA_DIR", "/data")
+    totals = {}
+    for name, stages in (("123", ["stage1", "stage2", "stage3"]), ("23", ["stage2", "stage3"]), ("3", ["stage3"])):
+        cfg = compose([f"experiment=ablation_{name}"])
+        validate(cfg)
+        assert cfg.pipeline == stages and cfg.data.mix_fraction == 0.5 and cfg.run_dir == f"runs/abl_{name}"
+        totals[name] = sum(cfg.stages[s].tokens for s in stages)
+    assert len(set(totals.values())) == 1, totals
