@@ -93,6 +93,25 @@ def test_zero2_and_zero3_on_two_processes_equal_one_process(one_process, zero3_r
     ds = latest_checkpoint(zero3_run) / "deepspeed"
     assert json.loads((ds / "distill.json").read_text())["world_size"] == 2
     assert len(list((ds / "zero").glob("*optim_states.pt"))) == 2
+    # `distill export` reads the two-process ZeRO-3 run folder as any other: the export holds the gathered weights.
+    assert main(["export", f"checkpoint={zero3_run}", f"out={tmp_path / 'export'}"]) == 0
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    for name, tensor in b.items():
+        assert torch.equal(exported[name].float(), tensor.float()), name
+
+
+def test_the_deepspeed_launcher_runs_the_same_training(one_process, tmp_path):
+    """`deepspeed --num_gpus 2 --no_local_rank --module distill train ...` (the README's other launch) computes the
+    one-process run, as torchrun does."""
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    run_dir = tmp_path / "run"
+    command = [launcher, "--num_gpus", "2", "--no_local_rank", "--module", "distill", "train", *BASE,
+               f"run_dir={run_dir}", "trainer=zero2"]
+    out = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_close(losses(run_dir), losses(one_process))
 
 
 def test_a_zero3_teacher_gives_the_outputs_of_a_whole_one(tmp_path):
