@@ -41,6 +41,7 @@ def _load(name: str, kernel: str):
 
 triton_ssd = _load("triton_ssd", "_ssd_fwd_kernel")
 triton_step = _load("triton_step", "_ssd_step_kernel")
+triton_conv = _load("triton_conv", "_conv_fwd_kernel")
 
 DEVICE = "cuda" if CUDA else "cpu"
 F64 = torch.float64
@@ -279,3 +280,64 @@ def test_conv_ssd_step_matches_reference(b, h, p, n, gb, gc, k, bias, activation
     assert new_state is in_place
     assert rel_err(y, y_ref) < TOL[F64] and rel_err(new_state, state_ref) < TOL[F64]
     assert rel_err(new_conv, conv_ref) < TOL[F64]
+
+
+# -- the short causal conv ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "b, L, c, k, bias, dtype",
+    [
+        (2, 70, 100, 4, True, torch.float32),  # two L blocks and two c blocks, both partial
+        (1, 2, 37, 4, False, torch.float32),  # shorter than the kernel: zeros before the start, final state padded
+        (3, 65, 64, 2, True, torch.float32),
+        (2, 33, 20, 1, True, torch.float32),  # k = 1: a per-channel scale, an empty final state
+        (2, 70, 100, 4, True, torch.bfloat16),
+    ],
+)
+def test_causal_conv_matches_reference(b, L, c, k, bias, dtype) -> None:
+    """Forward, final state and every gradient (x, weight, bias) against the float64 reference, with x a strided
+    slice of a wider tensor, as the mixer hands it over (its [x | B | C] columns of in_proj's output)."""
+    g = torch.Generator().manual_seed(next(_seeds))
+    wide = torch.randn(b, L, c + 7, generator=g, dtype=F64)
+    w = torch.randn(c, k, generator=g, dtype=F64)
+    bvec = torch.randn(c, generator=g, dtype=F64) if bias else None
+    dy = torch.randn(b, L, c, generator=g, dtype=F64)
+
+    ref_in = [wide[..., 3 : 3 + c].clone().requires_grad_(), w.clone().requires_grad_()]
+    ref_in += [bvec.clone().requires_grad_()] if bias else []
+    y_ref, state_ref = reference.causal_conv1d(ref_in[0], ref_in[1], ref_in[2] if bias else None)
+    (y_ref * dy).sum().backward()
+
+    dev_wide = wide.to(DEVICE, dtype).requires_grad_()
+    dev_w = w.to(DEVICE, dtype).requires_grad_()
+    dev_b = bvec.to(DEVICE, dtype).requires_grad_() if bias else None
+    x = dev_wide[..., 3 : 3 + c]
+    assert not x.is_contiguous()
+    y, state = triton_conv.causal_conv1d_triton(x, dev_w, dev_b)
+    (y.float() * dy.to(DEVICE).float()).sum().backward()
+    tol = TOL[dtype]
+    assert y.dtype == dtype and state.shape == (b, c, k - 1)
+    assert rel_err(y, y_ref) < tol
+    if k > 1:
+        assert rel_err(state, state_ref) < tol
+    assert rel_err(dev_wide.grad[..., 3 : 3 + c], ref_in[0].grad) < tol
+    assert dev_wide.grad[..., :3].abs().max() == 0 and dev_wide.grad[..., 3 + c :].abs().max() == 0
+    assert rel_err(dev_w.grad, ref_in[1].grad) < tol
+    if bias:
+        assert rel_err(dev_b.grad, ref_in[2].grad) < tol
+
+
+def test_causal_conv_dispatch_and_bad_input() -> None:
+    from distill import kernels
+
+    x = torch.randn(1, 5, 3, device=DEVICE)
+    w, state = torch.randn(3, 4, device=DEVICE), torch.randn(1, 3, 3, device=DEVICE)
+    # A cached conv continues from its state through the reference, on any device.
+    y, _ = kernels.causal_conv1d(x, w, None, state)
+    y_ref, _ = reference.causal_conv1d(x, w, None, state)
+    assert torch.allclose(y, y_ref)
+    with pytest.raises(ValueError, match="no initial_state"):
+        triton_conv.causal_conv1d_triton(x, w, None, state)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        triton_conv.causal_conv1d_triton(x, torch.randn(4, 4, device=DEVICE))

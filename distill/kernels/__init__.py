@@ -15,7 +15,6 @@ import torch
 from . import reference
 from .reference import (  # noqa: F401  (re-exported: the math is part of the public API)
     attention_matrix,
-    causal_conv1d,
     causal_conv1d_step,
     ssd_chunked,
     ssd_materialized,
@@ -41,7 +40,7 @@ def get_backend() -> str:
 
 
 def _triton_function(name: str):
-    """The Triton kernel `name` ("ssd", "step", "stage1"), or None where triton cannot be imported.
+    """The Triton kernel `name` ("ssd", "step", "stage1", "conv"), or None where triton cannot be imported.
 
     Written as `from .module import function`: transformers finds an exported model's relative imports by that
     pattern and copies those files beside it, so an export keeps its GPU kernels.
@@ -51,6 +50,8 @@ def _triton_function(name: str):
             from .triton_ssd import ssd_chunked_triton as kernel
         elif name == "step":
             from .triton_step import ssd_step_triton as kernel
+        elif name == "conv":
+            from .triton_conv import causal_conv1d_triton as kernel
         else:
             from .triton_stage1 import stage1_loss_triton as kernel
     except ImportError:
@@ -80,6 +81,15 @@ def ssd(x, log_a, B, C, scale=None, D=None, initial_state=None, chunk_size: int 
     if kernel is not None:
         return kernel(x, log_a, B, C, scale, D, initial_state, chunk_size)
     return reference.ssd_chunked(x, log_a, B, C, scale, D, initial_state, chunk_size)
+
+
+def causal_conv1d(x, weight, bias=None, initial_state=None):
+    """Depthwise causal conv (see reference.causal_conv1d); returns (y, final_state). The Triton kernel where no
+    initial state is given (training, a cache's first prefill); a cached conv continues through the reference."""
+    kernel = _use_triton(x, "conv") if initial_state is None else None
+    if kernel is not None:
+        return kernel(x, weight, bias)
+    return reference.causal_conv1d(x, weight, bias, initial_state)
 
 
 def ssd_decode_step(state, x, log_a, B, C, scale=None, D=None):
