@@ -24,6 +24,8 @@ sys.path.insert(0, str(REPO))
 from distill.kernels import reference  # noqa: E402
 from distill.kernels.triton_conv import causal_conv1d_triton  # noqa: E402
 
+from bench.common import report  # noqa: E402
+
 
 def main() -> None:
     import triton.testing
@@ -71,10 +73,7 @@ def main() -> None:
             f"| {r['shape']} | {r['ours_fwd']:.3f} | {r['torch_fwd']:.3f} | {r['torch_fwd'] / r['ours_fwd']:.2f}x | "
             f"{r['ours_fb']:.3f} | {r['torch_fb']:.3f} | {r['torch_fb'] / r['ours_fb']:.2f}x | {r['err']:.1e} |"
         )
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from distill.export import export_student  # noqa: E402
 from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
 
+from bench.common import report  # noqa: E402
+
 
 def timed_generate(model, prompts: torch.Tensor, new_tokens: int, **kwargs) -> tuple[float, float]:
     """(seconds, peak GB) of one generate() call producing exactly `new_tokens` tokens."""
@@ -151,10 +153,7 @@ def main() -> None:
                 tok_s, ms, gb = fmt(r)
                 prefill = f"{r['prefill_s']:.2f}" if ok(r) else ""
                 lines.append(f"| {prompt} | {batch} | {who} | {tok_s} | {ms} | {gb} | {prefill} | {ratio} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from distill.cli import compose  # noqa: E402
 from distill.generate import Generator  # noqa: E402
 from distill.models.teachers.decode import StaticDecoder  # noqa: E402
 
+from bench.common import report  # noqa: E402
+
 
 def teacher_overrides(args) -> list[str]:
     if args.tiny:
@@ -146,10 +148,7 @@ def main() -> None:
     lines.append("")
     err = rows[0]["logit_err"]
     lines.append(f"Decoder logits vs the teacher's full forward (bf16): worst relative error {err:.2e}.")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

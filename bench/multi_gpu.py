@@ -38,11 +38,8 @@ from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
 from distill.stages import stage_step, trainable_parameters  # noqa: E402
 
-LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                max_position_embeddings=8192, tie_word_embeddings=True)
-TINY = dict(model_type="llama", vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+from bench.common import LLAMA_1B, TINY  # noqa: E402
+
 
 
 def teacher_config(args) -> TeacherConfig:

@@ -31,10 +31,8 @@ from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
 from distill.stages import stage_step, trainable_parameters  # noqa: E402
 
-SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True)
-TINY = dict(model_type="llama", vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+from bench.common import SMOLLM2, TINY, report  # noqa: E402
+
 STAGES = {
     1: (StageConfig(loss="matrix", tokens=1), "mixers"),
     2: (StageConfig(loss="hidden", tokens=1), "ssd_blocks"),
@@ -129,10 +127,7 @@ def main() -> None:
     ]
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]:
         lines.append(f"| `{name}` | {us / 1e3:.2f} | {us / 1e3 / kernel_ms:.1%} | {counts[name]} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

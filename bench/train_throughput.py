@@ -37,10 +37,8 @@ from distill.stages.common import StepResult, autocast  # noqa: E402
 from distill.stages.divergence import divergence_reference  # noqa: E402
 from distill.graph_step import capture_step, make_adamw  # noqa: E402
 
-# SmolLM2-135M-Instruct's architecture (its GGUF's metadata), for --random-smollm2.
-SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-               tie_word_embeddings=True)
+from bench.common import SMOLLM2, report  # noqa: E402
+
 
 
 def full_logits_step(student, teacher, ids, precision):
@@ -182,10 +180,7 @@ def main() -> None:
             lines.append(f"| {r['stage']} | not captured: {r['failed'][:80]} | | |")
         else:
             lines.append(f"| {r['stage']} | {r['tok_s']:,.0f} | {r['ms']:.1f} | {r['peak_gb']:.1f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
