@@ -134,3 +134,31 @@ def test_prefill_in_chunks_equals_one_pass(tiny_llama, form, keep):
         assert ((a - b).norm() / b.norm()).item() < 1e-5
     assert full_chunked.shape == full.shape  # every position's logits when all were asked for
     assert ((full_chunked - full).norm() / full.norm()).item() < 1e-5
+
+
+def test_a_pure_student_builds_no_attention_mask(tiny_llama, monkeypatch):
+    """No layer of a pure-SSD student attends, so no (batch, 1, queries, keys) mask is built, behind a cache or from
+    a 2-D mask; a hybrid still gets its mask."""
+    import transformers.models.llama.modeling_llama as llama
+
+    built = []
+    original = llama.create_causal_mask
+
+    def spy(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        built.append(0 if mask is None else mask.numel())
+        return mask
+
+    monkeypatch.setattr(llama, "create_causal_mask", spy)
+    ids = torch.randint(0, 256, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for keep, expect_mask in (((), False), ((1,), True)):
+        student = student_for(tiny_llama, "discrete", keep)
+        built.clear()
+        with torch.no_grad():
+            cache = DistillCache(student.config)
+            student(input_ids=ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
+            student(input_ids=ids[:, 8:], attention_mask=mask, past_key_values=cache, use_cache=True)
+        assert built
+        assert (max(built) >= 2 * 4 * 12) == expect_mask, (keep, built)

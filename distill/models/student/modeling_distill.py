@@ -449,6 +449,12 @@ class StudentMixin:
                 return self._prefill_in_chunks(
                     input_ids, attention_mask, past_key_values, use_cache, logits_to_keep, chunk, kwargs
                 )
+        if not self.config.attention_layers:
+            # No layer attends. From a 2-D mask (or behind a cache) transformers would still build a (batch, 1,
+            # queries, keys) mask, 4.3 GB for a 2048-token prefill chunk at 64 x 32K; a 4-D mask is taken as given,
+            # and no SSD layer reads it (padding reaches them through the cache's padding_mask, set above).
+            device = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).device
+            attention_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
