@@ -152,6 +152,7 @@ class CapturedStep:
                         value.copy_(before[p][key]) if p in before else value.zero_()  # zeros: a fresh AdamW
         del weights, before
         opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in the graph's pool
+        torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise sit beside the graph's private pool
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = self._step()

@@ -209,8 +209,8 @@ class Trainer:
             p.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
-        # A captured step (CUDA, one process) replays the whole step from one CUDA graph: the host's Python no
-        # longer sets the pace.
+        # trainer.cuda_graphs (CUDA, one process): the whole step replays from one CUDA graph, for runs whose pace
+        # the host's kernel launches set (graph_step.py).
         graphs = cfg.trainer.cuda_graphs and self.device.type == "cuda" and not self.deepspeed
         if self.deepspeed:
             optimizer = distributed.make_optimizer(list(params.values()), stage, cfg.trainer, self.device)
