@@ -60,7 +60,8 @@ def run(args) -> dict:
         user["zero_optimization"]["stage3_param_persistence_threshold"] = 100000
     stage = StageConfig(loss="logits", tokens=1, batch_size=args.batch, seq_len=args.seq_len, lr=1e-4,
                         trainable="all_but_embeddings", chunk_tokens=args.chunk_tokens)
-    teacher = load_teacher(teacher_config(args))
+    tcfg = teacher_config(args)
+    teacher = load_teacher(tcfg)
     student = build_student(teacher, StudentConfig(form="discrete"), attention_layers=[])
     if args.teacher_zero3:  # after the student has copied the teacher's whole weights
         teacher = distributed.partition_teacher(teacher, user, device)
@@ -102,7 +103,7 @@ def run(args) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "rank": rank, "processes": world, "zero": args.zero, "teacher_zero3": args.teacher_zero3,
-        "teacher": teacher_config(args).name, "device": name, "batch": args.batch, "seq_len": args.seq_len,
+        "teacher": tcfg.name, "device": name, "batch": args.batch, "seq_len": args.seq_len,
         "tokens_per_s": args.batch * args.seq_len / seconds, "ms_per_step": seconds * 1e3,
         "peak_gb_max_over_ranks": peak.item(), "losses": losses,
     }

@@ -48,10 +48,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(final: Path, prefix: str):
+def atomic_folder(final: Path, prefix: str, tmp: Path | None = None):
     """Yield a temporary folder beside `final`, to be filled; then it replaces `final` whole in one rename. On any
-    failure it is removed and `final` is left as it was."""
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix))
+    failure it is removed and `final` is left as it was. `tmp`: an existing temporary folder to finish this way
+    (one that other processes have written into) instead of a new one."""
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix)) if tmp is None else tmp
     try:
         yield tmp
         if final.exists():
@@ -92,16 +93,6 @@ def write_files(folder: Path, weights: dict[str, torch.Tensor], optimizer_state:
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     torch.save({"optimizer": optimizer_state, "rng": rng_state()}, folder / "trainer.pt")
     (folder / "state.json").write_text(json.dumps(asdict(state), indent=1))
-
-
-def publish(root: Path, tmp: Path, name: str, keep: int) -> Path:
-    """Rename a complete temporary checkpoint folder into place as `name`, then point `latest` at it."""
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    point_latest(root, name, keep)
-    return final
 
 
 def point_latest(root: Path, name: str, keep: int) -> None:

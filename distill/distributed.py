@@ -288,7 +288,7 @@ def forward_backward(engine, step_fn, teacher, batch: torch.Tensor, precision: s
     with collect_losses() as losses:
         result = step_fn(engine.module, teacher, local_rows(batch, rank, world), precision)
     engine.backward(torch.stack(losses).sum())
-    return average_result(result.to_floats(), batch.device)
+    return average_result(result, batch.device)
 
 
 class PartitionedTeacher(Teacher):
@@ -350,11 +350,12 @@ def local_rows(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def average_result(result, device: torch.device):
-    """A StepResult whose loss and per-layer losses are the means over ranks (each rank saw its rows)."""
+    """A StepResult of floats whose loss and per-layer losses are the means over ranks (each rank saw its rows).
+    The step's tensors are reduced where they are and read back once."""
     keys = sorted(result.per_layer)
     extra_keys = sorted(result.extra)
     values = [result.loss, *(result.per_layer[k] for k in keys), *(result.extra[k] for k in extra_keys)]
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
     torch.distributed.all_reduce(t)
     t = (t / torch.distributed.get_world_size()).tolist()
     result.loss = t[0]
@@ -401,14 +402,11 @@ def save(run_dir: Path, name: str, engine, model, payload: dict | None, state, k
     weights = full_weights(model, rank, engine.zero_optimization_stage() == 3)
     barrier()  # every rank's partition is on disk
     if rank == 0:
-        try:
+        with checkpoint.atomic_folder(root / name, prefix=".tmp-", tmp=tmp):
             meta = {"world_size": world, "zero_stage": engine.zero_optimization_stage(), "tag": DS_TAG}
             (tmp / DS_FOLDER / DS_META).write_text(json.dumps(meta, indent=1))
             checkpoint.write_files(tmp, weights, payload, state)
-            checkpoint.publish(root, tmp, name, keep)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        checkpoint.point_latest(root, name, keep)
     barrier()  # nobody goes on (or resumes) before `latest` names the new checkpoint
 
 

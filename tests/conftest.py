@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random teachers built in memory, and composing configs the way the CLI does."""
+"""Shared fixtures: tiny random teachers built in memory, composing configs the way the CLI does, and waiting for a
+run's checkpoint in the kill-and-resume tests."""
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import torch
 
@@ -49,3 +52,14 @@ def tiny_cfg(tmp_path):
         return compose(["experiment=tiny", f"run_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+def wait_for_checkpoint(proc, run_dir, prefix: str, timeout: float = 120.0) -> None:
+    """Poll until the run's `latest` checkpoint name starts with `prefix`, or `proc` ends, or `timeout` passes (the
+    caller asserts the process is still there to be killed)."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.exists() and pointer.read_text().startswith(prefix):
+            return
+        time.sleep(0.02)

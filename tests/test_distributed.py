@@ -156,15 +156,12 @@ def child_pids(parent: int) -> list[int]:
 def test_kill_and_resume_on_one_process_and_on_two(zero3_run, tmp_path, capfd):
     """SIGKILL a two-process run in stage 2; resumed on one process it goes on from the consolidated checkpoint with
     fresh optimizer moments; resumed on two it reloads DeepSpeed's own checkpoint and ends as if never stopped."""
+    from tests.conftest import wait_for_checkpoint  # here: this file also runs as a torchrun script
+
     killed = tmp_path / "killed"
     command = torchrun("-m", "distill", "train", *BASE, f"run_dir={killed}", *ZERO3, "trainer.checkpoint_every=4")
     proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = killed / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if pointer.exists() and pointer.read_text().startswith("stage2-step"):
-            break
-        time.sleep(0.02)
+    wait_for_checkpoint(proc, killed, "stage2-step")
     assert proc.poll() is None, "the run ended before it could be killed"
     # torchrun starts each rank in a session of its own: kill the ranks by their ids, then the launcher.
     ranks = child_pids(proc.pid)

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from distill.checkpoint import RunState, latest_checkpoint, save_checkpoint
 from distill.cli import main
 from distill.trainer import Trainer
+from tests.conftest import wait_for_checkpoint
 
 
 def losses(run_dir):
@@ -46,12 +46,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "distill", "train", *overrides, f"run_dir={killed_dir}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    pointer = killed_dir / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if pointer.exists() and pointer.read_text().startswith("stage2-step00000"):
-            break
-        time.sleep(0.02)
+    wait_for_checkpoint(proc, killed_dir, "stage2-step00000")
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
