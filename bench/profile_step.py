@@ -6,7 +6,8 @@
 The step is the trainer's (distill.stages.stage_step + clipping + fused AdamW), on SmolLM2-135M's shapes with random
 weights and a pure discrete student, bf16 autocast. After 3 warm-up steps, `--steps` steps are profiled; the table
 gives each kernel family's device time per step (kernel names folded: template arguments and launch shapes
-dropped), its share of the step's kernel time and its launches per step, and the head line compares the summed
+dropped), its share of the step's kernel time and its launches per step (a second table: the same time by the
+PyTorch op that launched it), and the head line compares the summed
 kernel time with the wall time of a step (kernel time near the wall time: GPU-bound; far below: the host sets the
 pace).
 """
@@ -127,6 +128,19 @@ def main() -> None:
     ]
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]:
         lines.append(f"| `{name}` | {us / 1e3:.2f} | {us / 1e3 / kernel_ms:.1%} | {counts[name]} |")
+    if device.type == "cuda":
+        # The same device time by the PyTorch op that launched it: elementwise kernels are named by their
+        # template alone, the op says which (mul, copy_, softplus...).
+        ops, op_counts = defaultdict(float), defaultdict(int)
+        for event in prof.key_averages():
+            if event.device_type == torch.autograd.DeviceType.CPU and event.key.startswith("aten::"):
+                us = device_time_us(event)
+                if us > 0:
+                    ops[event.key] += us / args.steps
+                    op_counts[event.key] += event.count // args.steps
+        lines += ["", "| PyTorch op (self device time) | ms per step | share | calls per step |", "| --- | --- | --- | --- |"]
+        for name, us in sorted(ops.items(), key=lambda kv: -kv[1])[: args.top]:
+            lines.append(f"| `{name}` | {us / 1e3:.2f} | {us / 1e3 / kernel_ms:.1%} | {op_counts[name]} |")
     report("\n".join(lines), args.out)
 
 

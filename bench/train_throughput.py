@@ -9,15 +9,18 @@ Teacher SmolLM2-135M-Instruct (bf16 weights), a pure discrete-Mamba-2 student (a
 kernels auto (Triton on CUDA). Each stage is its trainer step (distill.stages.stage_step: one teacher forward, the
 stage's loss and backward, gradient clipping, AdamW over the stage's trainable set), run two ways as the trainer
 runs it: eagerly (torch's AdamW) and captured once as a CUDA graph and replayed (distill.graph_step, fused AdamW;
-`trainer.cuda_graphs`, the default on CUDA). 3 warm-up steps, then `--steps` timed steps between CUDA
+`trainer.cuda_graphs=true`; off by default: it measured no faster). 3 warm-up steps, then `--steps` timed steps between CUDA
 synchronisations; each step reads its losses back to the host, as training does. Stage 3 runs the fused, chunked
 divergence (what training runs) and, for comparison, full-vocabulary logits (the reference path, eager). The
-teacher's forward alone (no capture, logits) is the scale.
+teacher's forward alone (no capture, logits) is the scale. `--ablate conv,rms_norm,swiglu,align` adds stage-3 rows
+with each named piece, then all of them, back on the eager path (the PyTorch reference for a kernel; for `align`,
+in_proj's product at its own odd width): what each of the step's kernels buys, measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import sys
 import time
@@ -28,8 +31,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from distill import kernels  # noqa: E402
 from distill.cli import compose  # noqa: E402
 from distill.config import StageConfig, StudentConfig, TeacherConfig  # noqa: E402
+from distill.models.student.modeling_distill import AlignedLinear  # noqa: E402
 from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
 from distill.stages import stage_step, trainable_parameters  # noqa: E402
@@ -49,6 +54,23 @@ def full_logits_step(student, teacher, ids, precision):
     loss, _ = divergence_reference(s[:, :-1], t[:, :-1])
     loss.backward()
     return StepResult(loss=loss.detach())
+
+
+ABLATABLE = ("conv", "rms_norm", "swiglu", "align")
+
+
+@contextlib.contextmanager
+def without(pieces: tuple[str, ...]):
+    """The named kernels through their PyTorch references (F.conv1d, the family's eager norm and gate) and, for
+    "align", in_proj's product unpadded: the step as it ran before each piece existed."""
+    original, align = kernels._triton_function, AlignedLinear.align
+    kernels._triton_function = lambda name: None if name in pieces else original(name)
+    if "align" in pieces:
+        AlignedLinear.align = 1
+    try:
+        yield
+    finally:
+        kernels._triton_function, AlignedLinear.align = original, align
 
 
 def sync(device):
@@ -116,6 +138,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--random-smollm2", action="store_true", help="SmolLM2-135M's shapes with random weights")
     parser.add_argument("--no-eager", action="store_true", help="time the CUDA-graph path only")
+    parser.add_argument("--no-graph", action="store_true", help="time the eager path only")
+    parser.add_argument("--ablate", default="",
+                        help=f"comma list from {','.join(ABLATABLE)}: stage-3 rows with each piece, then all, undone")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -152,12 +177,21 @@ def main() -> None:
         ("stage 3 (logits fused, all_but_embeddings)",
          StageConfig(loss="logits", tokens=1, chunk_tokens=args.chunk_tokens), "all_but_embeddings"),
     ]
-    modes = ([] if args.no_eager else [False]) + ([True] if device.type == "cuda" else [])
+    modes = ([] if args.no_eager else [False]) + ([True] if device.type == "cuda" and not args.no_graph else [])
     for name, cfg, trainable in stages:
         for graph in modes:
             rows.append(time_stage(name, stage_step(cfg), trainable, student, teacher, ids, precision, args.steps,
                                    device, graph))
             print(rows[-1], flush=True)
+    ablate = tuple(name for name in args.ablate.split(",") if name)
+    unknown = set(ablate) - set(ABLATABLE)
+    if unknown:
+        sys.exit(f"--ablate {','.join(sorted(unknown))}: choose among {','.join(ABLATABLE)}")
+    for pieces in [(name,) for name in ablate] + ([ablate] if len(ablate) > 1 else []):
+        with without(pieces):
+            rows.append(time_stage(f"stage 3 without {' + '.join(pieces)}", stage_step(stages[2][1]), stages[2][2],
+                                   student, teacher, ids, precision, args.steps, device))
+        print(rows[-1], flush=True)
     if not args.no_eager:
         rows.append(time_stage("stage 3 (full logits reference)", full_logits_step, "all_but_embeddings", student,
                                teacher, ids, precision, args.steps, device))

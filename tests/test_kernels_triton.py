@@ -42,6 +42,8 @@ def _load(name: str, kernel: str):
 triton_ssd = _load("triton_ssd", "_ssd_fwd_kernel")
 triton_step = _load("triton_step", "_ssd_step_kernel")
 triton_conv = _load("triton_conv", "_conv_fwd_kernel")
+triton_rmsnorm = _load("triton_rmsnorm", "_rms_fwd_kernel")
+triton_swiglu = _load("triton_swiglu", "_swiglu_fwd_kernel")
 
 DEVICE = "cuda" if CUDA else "cpu"
 F64 = torch.float64
@@ -341,3 +343,87 @@ def test_causal_conv_dispatch_and_bad_input() -> None:
         triton_conv.causal_conv1d_triton(x, w, None, state)
     with pytest.raises(ValueError, match="weight must have shape"):
         triton_conv.causal_conv1d_triton(x, torch.randn(4, 4, device=DEVICE))
+
+
+
+# -- the block's RMSNorm and SwiGLU gate ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, x_dtype, w_dtype",
+    [
+        ((2, 37, 40), torch.float32, torch.float32),  # rows not a multiple of the row block, width not a power of 2
+        ((3, 19, 64), torch.float32, torch.float32),
+        ((2, 37, 40), torch.bfloat16, torch.float32),  # a bf16 stream under fp32 weights: output fp32
+        ((2, 37, 40), torch.bfloat16, torch.bfloat16),  # a bf16 teacher
+        ((130, 24), torch.float32, torch.float32),  # 2-D; several backward programs, each over several row blocks
+    ],
+)
+def test_rms_norm_matches_reference(shape, x_dtype, w_dtype) -> None:
+    """Forward, dx and dweight against the float64 reference, with x a strided slice (its rows not adjacent)."""
+    g = torch.Generator().manual_seed(next(_seeds))
+    d = shape[-1]
+    wide = torch.randn(*shape[:-1], d + 5, generator=g, dtype=F64) * 3
+    w = torch.randn(d, generator=g, dtype=F64)
+    dy = torch.randn(*shape, generator=g, dtype=F64)
+    ref_x, ref_w = wide[..., 2 : 2 + d].clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = reference.rms_norm(ref_x, ref_w, 1e-5)
+    (y_ref * dy).sum().backward()
+
+    dev_wide = wide.to(DEVICE, x_dtype).requires_grad_()
+    dev_w = w.to(DEVICE, w_dtype).requires_grad_()
+    x = dev_wide[..., 2 : 2 + d]
+    y = triton_rmsnorm.rms_norm_triton(x, dev_w, 1e-5)
+    (y.float() * dy.to(DEVICE).float()).sum().backward()
+    tol = TOL[torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype) else x_dtype]
+    assert y.dtype == torch.promote_types(x_dtype, w_dtype) and y.shape == shape
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(dev_wide.grad[..., 2 : 2 + d], ref_x.grad) < tol
+    assert dev_wide.grad[..., :2].abs().max() == 0
+    assert dev_w.grad.dtype == w_dtype and rel_err(dev_w.grad, ref_w.grad) < tol
+
+
+def test_rms_norm_kernel_rounds_as_the_family_does() -> None:
+    """For a bf16 teacher the kernel gives the eager function's bits (the normalized x rounded before the weight)."""
+    g = torch.Generator().manual_seed(next(_seeds))
+    x = torch.randn(4, 9, 48, generator=g).to(DEVICE, torch.bfloat16)
+    w = torch.randn(48, generator=g).to(DEVICE, torch.bfloat16)
+    y = triton_rmsnorm.rms_norm_triton(x, w, 1e-6)
+    y_ref = reference.rms_norm(x, w, 1e-6)
+    assert (y.float() - y_ref.float()).abs().max().item() <= 2 ** -7 * y_ref.float().abs().max().item()
+    with pytest.raises(ValueError, match="weight must have shape"):
+        triton_rmsnorm.rms_norm_triton(x, w[:5], 1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, gate_slice",
+    [
+        ((2, 33, 50), torch.float32, False),  # sizes not a multiple of the block
+        ((3, 700), torch.float32, True),
+        ((2, 33, 50), torch.float32, True),  # the gate a column slice of a wider tensor (the mixer's z)
+        ((2, 33, 50), torch.bfloat16, True),
+    ],
+)
+def test_swiglu_matches_reference(shape, dtype, gate_slice) -> None:
+    """Forward and both gradients against the float64 reference."""
+    g = torch.Generator().manual_seed(next(_seeds))
+    wide = torch.randn(*shape[:-1], shape[-1] + 9, generator=g, dtype=F64) * 3
+    gate = wide[..., 4 : 4 + shape[-1]]
+    up, dh = (torch.randn(*shape, generator=g, dtype=F64) * 3 for _ in range(2))
+    ref_g, ref_u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    h_ref = reference.swiglu(ref_g, ref_u)
+    (h_ref * dh).sum().backward()
+    dev_wide = wide.to(DEVICE, dtype).requires_grad_()
+    dev_g = dev_wide[..., 4 : 4 + shape[-1]] if gate_slice else gate.to(DEVICE, dtype).requires_grad_()
+    dev_u = up.to(DEVICE, dtype).requires_grad_()
+    assert dev_g.is_contiguous() != gate_slice
+    h = triton_swiglu.swiglu_triton(dev_g, dev_u)
+    (h.float() * dh.to(DEVICE).float()).sum().backward()
+    tol = TOL[dtype]
+    assert h.dtype == dtype and h.shape == shape
+    assert rel_err(h, h_ref) < tol
+    g_grad = dev_wide.grad[..., 4 : 4 + shape[-1]] if gate_slice else dev_g.grad
+    assert rel_err(g_grad, ref_g.grad) < tol
+    assert rel_err(dev_u.grad, ref_u.grad) < tol
+    with pytest.raises(ValueError, match="same shape"):
+        triton_swiglu.swiglu_triton(dev_g, dev_u[..., :3])

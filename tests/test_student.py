@@ -116,3 +116,58 @@ def test_mixing_matrices_of_all_layers(tiny_llama):
     assert M.shape == (2, 4, 12, 12)
     assert torch.all(M.triu(1) == 0)  # causal
     assert M.abs().sum() > 0
+
+
+@pytest.mark.parametrize("out_features", [1929, 64])
+def test_padded_linear_is_linear_with_its_gradients(out_features):
+    """in_proj's product on CUDA runs padded to an aligned width: the same values and gradients, float64."""
+    from distill.models.student.modeling_distill import AlignedLinear, padded_linear
+
+    g = torch.Generator().manual_seed(out_features)
+    x = torch.randn(2, 7, 48, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out_features, 48, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_features, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 7, out_features, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (lambda: padded_linear(x, w, b, 64), lambda: torch.nn.functional.linear(x, w, b)):
+        y = fn()
+        assert y.shape == (2, 7, out_features)
+        grads.append((y, *torch.autograd.grad(y, (x, w, b), dy)))
+    for ours, ref in zip(*grads):
+        assert ((ours - ref).norm() / ref.norm()).item() < 1e-12
+    # The module keeps nn.Linear's parameters and, off CUDA, its forward.
+    layer = AlignedLinear(48, out_features).double()
+    assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (out_features, 48)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_block_kernels_keep_the_family_function():
+    """A Llama model's RMSNorms and gated MLPs swapped for the kernel-backed modules: the same state-dict keys, and
+    the same logits and parameter gradients as the family's own modules (float64, fresh random weights and ids)."""
+    from distill.models.student.modeling_distill import KernelGatedMLP, KernelRMSNorm, use_block_kernels
+    from distill.models.teachers.sources import random_model
+
+    arch = dict(model_type="llama", vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    family = random_model(arch, seed=torch.seed() % 2**31, dtype=torch.float64)
+    with torch.no_grad():  # norm weights away from their initial ones, so a dropped weight would show
+        for name, p in family.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.3)
+    ours = random_model(arch, seed=0, dtype=torch.float64)
+    use_block_kernels(ours)
+    assert set(ours.state_dict()) == set(family.state_dict())
+    ours.load_state_dict(family.state_dict())
+    kinds = [type(m) for m in ours.modules()]
+    assert kinds.count(KernelRMSNorm) == 2 * 2 + 1 and kinds.count(KernelGatedMLP) == 2
+    ids = random_ids(2, 19)
+    outs = []
+    for model in (ours, family):
+        logits = model(input_ids=ids).logits
+        grads = torch.autograd.grad((logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum(),
+                                    list(model.parameters()))
+        outs.append((logits, grads))
+    # The family's norm casts even float64 to float32 (ours keeps float64): agreement to float32's precision.
+    assert rel(outs[0][0], outs[1][0]) < 1e-6
+    for g_ours, g_family in zip(outs[0][1], outs[1][1]):
+        assert rel(g_ours, g_family) < 1e-5

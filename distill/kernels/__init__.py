@@ -1,4 +1,4 @@
-"""SSD math: one function, several implementations.
+"""SSD math (and the block's RMSNorm and SwiGLU gate): one function, several implementations.
 
 `reference.py` is the plain-PyTorch definition (naive loop, materialised matrix, chunked scan, one-token step);
 the Triton files beside it are the fused GPU kernels with the same signatures. The functions exported here pick the
@@ -40,7 +40,8 @@ def get_backend() -> str:
 
 
 def _triton_function(name: str):
-    """The Triton kernel `name` ("ssd", "step", "stage1", "conv"), or None where triton cannot be imported.
+    """The Triton kernel `name` ("ssd", "step", "stage1", "conv", "rms_norm", "swiglu"), or None where triton
+    cannot be imported.
 
     Written as `from .module import function`: transformers finds an exported model's relative imports by that
     pattern and copies those files beside it, so an export keeps its GPU kernels.
@@ -52,6 +53,10 @@ def _triton_function(name: str):
             from .triton_step import ssd_step_triton as kernel
         elif name == "conv":
             from .triton_conv import causal_conv1d_triton as kernel
+        elif name == "rms_norm":
+            from .triton_rmsnorm import rms_norm_triton as kernel
+        elif name == "swiglu":
+            from .triton_swiglu import swiglu_triton as kernel
         else:
             from .triton_stage1 import stage1_loss_triton as kernel
     except ImportError:
@@ -106,3 +111,19 @@ def stage1_loss(q, k, softmax_scale, log_a, B, C, scale=None):
     if kernel is not None:
         return kernel(q, k, softmax_scale, log_a, B, C, scale)
     return reference.stage1_loss(q, k, softmax_scale, log_a, B, C, scale)
+
+
+def rms_norm(x, weight, eps: float):
+    """The Llama family's RMSNorm, weight * normalize(x) (see reference.rms_norm)."""
+    kernel = _use_triton(x, "rms_norm")
+    if kernel is not None:
+        return kernel(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up, the gated MLP's activation (see reference.swiglu)."""
+    kernel = _use_triton(gate, "swiglu")
+    if kernel is not None:
+        return kernel(gate, up)
+    return reference.swiglu(gate, up)

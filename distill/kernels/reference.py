@@ -453,3 +453,29 @@ def stage1_loss(
     M = ssd_matrix(log_a, B, C, scale)
     dtype = torch.promote_types(A.dtype, M.dtype)
     return torch.linalg.matrix_norm(A.to(dtype) - M.to(dtype), ord="fro").mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The block's other pieces: the Llama family's RMSNorm and SwiGLU gate (the student keeps the teacher's)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * normalize(x), exactly as the Llama family's RMSNorm computes it.
+
+    x (..., d); weight (d,). The mean square is taken in float32 and the normalized x rounded back to x's dtype
+    before the product with the weight, so the output has the dtype of `weight * x` (float32 for a float32 stream,
+    bfloat16 for a bfloat16 teacher). float64 is kept as it is.
+    """
+    if x.shape[-1:] != weight.shape:
+        raise ValueError(f"weight must have shape (d,) = ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    h = x.to(_compute_dtype(x.dtype))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up: the gated MLP's inner activation (Llama, Qwen2), in the inputs' dtype."""
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    return F.silu(gate) * up

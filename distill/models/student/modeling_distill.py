@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaMLP, LlamaRMSNorm
 from transformers.models.phi.modeling_phi import PhiForCausalLM
-from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM, Qwen2MLP, Qwen2RMSNorm
 
 from .configuration_distill import DistillLlamaConfig, DistillPhiConfig, DistillQwen2Config, MixerSpec
-from .ssd_kernels import causal_conv1d, causal_conv1d_step, ssd, ssd_decode_step, ssd_matrix
+from .ssd_kernels import causal_conv1d, causal_conv1d_step, rms_norm, ssd, ssd_decode_step, ssd_matrix, swiglu
 
 # transformers renamed the cache argument of its models' forwards, and the output field, from `past_key_values` to
 # `cache` (5.2x releases); the student takes either and speaks the installed version's own.
@@ -99,6 +99,90 @@ class DistillCache(Cache):
         self.padding_mask: torch.Tensor | None = None
 
 
+def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, multiple: int) -> torch.Tensor:
+    """F.linear(x, weight, bias) computed with the output width padded by zero rows to a multiple of `multiple`,
+    then sliced back: the same values (and gradients: the pad's rows get none), on aligned GEMM shapes."""
+    pad = -weight.shape[0] % multiple
+    if pad == 0:
+        return F.linear(x, weight, bias)
+    bias = None if bias is None else F.pad(bias, (0, pad))
+    return F.linear(x, F.pad(weight, (0, 0, 0, pad)), bias)[..., : weight.shape[0]]
+
+
+class AlignedLinear(nn.Linear):
+    """nn.Linear whose product runs, on CUDA, with the output width padded to a multiple of 64.
+
+    Why: in_proj's width (z, x, B, C and one decay channel per head: 1,929 for SmolLM2-135M's students) is odd, and
+    cuBLAS gives such a product and its two gradients slow kernels: a stage-3 profile on the H200 (2026-12-01) spent
+    62 of 341 ms a step in one CUTLASS kernel family launched 92 times, three per layer, while the step's aligned
+    products ran on cuBLAS's Hopper kernels; in_proj's product and two gradients are its only odd-width ones (an
+    inference: the padded step is not yet profiled). The parameter keeps its shape (checkpoints and exports are unchanged) and the
+    padding costs one copy of the weight a call; the output is a view whose rows start 64-aligned. A module, not a
+    function on the weight, so ZeRO-3 gathers the weight around its forward as for any nn.Linear.
+    """
+
+    align = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return super().forward(x)
+        return padded_linear(x, self.weight, self.bias, self.align)
+
+
+class KernelRMSNorm(nn.Module):
+    """The Llama family's RMSNorm (Llama, Qwen2) computed by distill's kernel: the same parameter, the same function.
+
+    Built from the family's module, whose `weight` it takes over (state-dict names unchanged); on CUDA one fused
+    kernel each way instead of about sixteen eager elementwise passes, elsewhere the family's own arithmetic.
+    """
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = norm.variance_epsilon
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class KernelGatedMLP(nn.Module):
+    """The family's gated MLP, down(silu(gate(x)) * up(x)), with the gate through distill's fused SwiGLU kernel.
+
+    Takes over the family's three projections (state-dict names unchanged).
+    """
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+_KERNEL_NORMS = (LlamaRMSNorm, Qwen2RMSNorm)
+_KERNEL_MLPS = (LlamaMLP, Qwen2MLP)
+
+
+def use_block_kernels(model: nn.Module) -> nn.Module:
+    """Swap a Llama-family model's RMSNorms and silu-gated MLPs for the kernel-backed modules above, in place.
+
+    The same parameters and the same function (tested against the family's modules), so a teacher or a student
+    computes what it did, with fewer passes over its activations. Other families (Phi's LayerNorm and GELU MLP) are
+    left as they are. Returns the model.
+    """
+    silu = getattr(model.config, "hidden_act", None) == "silu"
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in _KERNEL_NORMS:
+                setattr(parent, name, KernelRMSNorm(child))
+            elif type(child) in _KERNEL_MLPS and silu:
+                setattr(parent, name, KernelGatedMLP(child))
+    return model
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the whole inner width (the Mamba-2 form's output norm, applied before the gate)."""
 
@@ -127,7 +211,7 @@ class SSDMixer(nn.Module):
         h, p, n = spec.n_heads, spec.head_dim, spec.d_state
         self.x_width, self.b_width, self.c_width = h * p, spec.n_b_groups * n, spec.n_c_groups * n
         conv_width = self.x_width + self.b_width + self.c_width
-        self.in_proj = nn.Linear(hidden_size, self.x_width + conv_width + h, bias=True)
+        self.in_proj = AlignedLinear(hidden_size, self.x_width + conv_width + h, bias=True)
         self.conv_weight = nn.Parameter(torch.zeros(conv_width, spec.conv_kernel))
         self.conv_bias = nn.Parameter(torch.zeros(conv_width))
         self.D = nn.Parameter(torch.zeros(h))
@@ -295,7 +379,7 @@ class SSDMixer(nn.Module):
         y = y.reshape(*y.shape[:2], self.x_width)
         if self.norm is not None:
             y = self.norm(y)
-        return self.out_proj(y * F.silu(z))
+        return self.out_proj(swiglu(z, y))  # y * silu(z)
 
 
 class GraphDecoder:
@@ -385,6 +469,7 @@ class StudentMixin:
         for idx, layer in enumerate(self.model.layers):
             if idx not in keep:
                 layer.self_attn = SSDMixer(config.hidden_size, spec, idx)
+        use_block_kernels(self)
         self._graph_decoders: dict[int, GraphDecoder] | None = None
         # A longer prompt is prefilled through the cache this many tokens at a time (None: in one pass), so that
         # prefill memory stays that of one chunk however long the prompt is; the logits are the one pass's.

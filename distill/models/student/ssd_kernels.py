@@ -4,4 +4,12 @@ Inside the distill tree they are `distill.kernels`. `distill export` writes dist
 file's place, with the kernel files beside it, so an exported model runs the very same kernel code.
 """
 
-from ...kernels import causal_conv1d, causal_conv1d_step, ssd, ssd_decode_step, ssd_matrix  # noqa: F401
+from ...kernels import (  # noqa: F401
+    causal_conv1d,
+    causal_conv1d_step,
+    rms_norm,
+    ssd,
+    ssd_decode_step,
+    ssd_matrix,
+    swiglu,
+)

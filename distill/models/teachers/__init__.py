@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ...config import ConfigError, TeacherConfig
+from ..student.modeling_distill import use_block_kernels
 from .capture import LayerCapture, TeacherPass, capture_layers, use_capture_attention
 from .family import Family
 from .llama import LLAMA, QWEN2
@@ -31,7 +32,8 @@ class Teacher:
     """A frozen causal LM with its tokenizer and family; one forward per batch gives all layers' captures."""
 
     def __init__(self, model: nn.Module, tokenizer, family: Family):
-        self.model = model.eval().requires_grad_(False)
+        # Norms and gated MLPs through distill's kernels (the same function; fewer passes on the GPU).
+        self.model = use_block_kernels(model).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.family = family
         use_capture_attention(self.model)
