@@ -38,7 +38,9 @@ from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
 from distill.stages import stage_step, trainable_parameters  # noqa: E402
 
-from bench.common import LLAMA_1B, TINY  # noqa: E402
+from distill import kernels  # noqa: E402
+
+from bench.common import LLAMA_1B, SMOLLM2, TINY  # noqa: E402
 
 
 
@@ -47,6 +49,8 @@ def teacher_config(args) -> TeacherConfig:
         return TeacherConfig(name="tiny", source="random", architecture=TINY, dtype="float32")
     if args.llama_1b:
         return TeacherConfig(name="llama-3.2-1b-shaped", source="random", architecture=LLAMA_1B, dtype="bfloat16")
+    if args.random_smollm2:
+        return TeacherConfig(name="smollm2-shaped", source="random", architecture=SMOLLM2, dtype="bfloat16")
     if not Path(args.teacher_gguf).is_file():
         sys.exit(f"no teacher at {args.teacher_gguf}: bring the GGUF over as ../shared/device/README.md says")
     return TeacherConfig(name="smollm2", source="gguf", path=args.teacher_gguf, dtype="bfloat16")
@@ -55,6 +59,7 @@ def teacher_config(args) -> TeacherConfig:
 def run(args) -> dict:
     device = distributed.local_device(args.device)
     rank, world = distributed.init(device)
+    kernels.set_backend(args.kernels)
     user = {"zero_optimization": {"stage": args.zero, "contiguous_gradients": True, "overlap_comm": False}}
     if args.zero == 3:
         user["zero_optimization"]["stage3_param_persistence_threshold"] = 100000
@@ -103,6 +108,7 @@ def run(args) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "rank": rank, "processes": world, "zero": args.zero, "teacher_zero3": args.teacher_zero3,
+        "kernels": args.kernels,
         "teacher": tcfg.name, "device": name, "batch": args.batch, "seq_len": args.seq_len,
         "tokens_per_s": args.batch * args.seq_len / seconds, "ms_per_step": seconds * 1e3,
         "peak_gb_max_over_ranks": peak.item(), "losses": losses,
@@ -136,6 +142,9 @@ def main() -> None:
     parser.add_argument("--teacher-gguf", default="/root/teacher/smollm2.gguf")
     parser.add_argument("--llama-1b", action="store_true", help="Llama-3.2-1B's architecture, random weights")
     parser.add_argument("--tiny", action="store_true", help="a tiny random teacher (smoke runs, CPU)")
+    parser.add_argument("--random-smollm2", action="store_true", help="SmolLM2-135M's shapes, random weights")
+    parser.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
+                        help="torch: every kernel through its PyTorch reference (to tell kernel effects apart)")
     parser.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
     parser.add_argument("--teacher-zero3", action="store_true", help="partition the teacher with ZeRO-3 too")
     parser.add_argument("--batch", type=int, default=16, help="global batch (split over the processes)")
