@@ -4,7 +4,8 @@
 #
 #   DISTILL_DATA_DIR=/path/to/data TEACHER_GGUF=/root/teacher/smollm2.gguf bash bench/quality.sh [ROW ...]
 #
-# Rows: pure_discrete pure_mamba2 hybrid_data hybrid_even abl_123 abl_23 abl_3 (default: all, in that order).
+# Rows: pure_discrete pure_mamba2 hybrid_data hybrid_even abl_123 abl_23 abl_3 abl_123_real (default: all, in that
+# order; abl_123_real is abl_123 on the real text alone, the data-mix comparison).
 # Without TEACHER_GGUF the teacher comes from conf/teacher/smollm2.yaml (PyPI). A row whose run folder is finished is
 # trained no further (distill train resumes a folder and stops at once when its stages are done) and evaluated again
 # only if it has no eval/results.json. Set GEN_TOKENS=0 to skip generation (the rows then need data.mix_fraction=0).
@@ -16,7 +17,7 @@ TEACHER=()
 if [ -n "${TEACHER_GGUF:-}" ]; then TEACHER=(teacher.source=gguf "teacher.path=$TEACHER_GGUF"); fi
 MIX="data.mix_path='$RUNS/gen/shard-*.jsonl.gz'"
 ROWS=("$@")
-[ ${#ROWS[@]} -gt 0 ] || ROWS=(pure_discrete pure_mamba2 hybrid_data hybrid_even abl_123 abl_23 abl_3)
+[ ${#ROWS[@]} -gt 0 ] || ROWS=(pure_discrete pure_mamba2 hybrid_data hybrid_even abl_123 abl_23 abl_3 abl_123_real)
 mkdir -p "$RUNS"
 stamp() { echo "=== $(date +%T) $*"; }
 
@@ -27,6 +28,7 @@ overrides() {  # a row's preset and overrides
     hybrid_data) echo "experiment=gpu_smollm2 student.attention_layers=[0,2,11]" ;;  # distill inspect's worst fits
     hybrid_even) echo "experiment=gpu_smollm2 student.attention_layers=[5,15,25]" ;;
     abl_123 | abl_23 | abl_3) echo "experiment=ablation_${1#abl_}" ;;
+    abl_123_real) echo "experiment=ablation_123 data.mix_fraction=0" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
