@@ -7,7 +7,7 @@ The step is the trainer's (distill.stages.stage_step + clipping + fused AdamW), 
 weights and a pure discrete student, bf16 autocast. After 3 warm-up steps, `--steps` steps are profiled; the table
 gives each kernel family's device time per step (kernel names folded: template arguments and launch shapes
 dropped), its share of the step's kernel time and its launches per step (a second table: the same time by the
-PyTorch op that launched it), and the head line compares the summed
+PyTorch op that launched it; `--shapes aten::copy_,aten::mul` adds, for those ops, their time by input shapes), and the head line compares the summed
 kernel time with the wall time of a step (kernel time near the wall time: GPU-bound; far below: the host sets the
 pace).
 """
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shapes", default="", help="comma list of ops (aten::copy_) to break down by input shapes")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -105,7 +106,7 @@ def main() -> None:
     sync()
     wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=bool(args.shapes)) as prof:
         for _ in range(args.steps):
             one()
         sync()
@@ -141,6 +142,18 @@ def main() -> None:
         lines += ["", "| PyTorch op (self device time) | ms per step | share | calls per step |", "| --- | --- | --- | --- |"]
         for name, us in sorted(ops.items(), key=lambda kv: -kv[1])[: args.top]:
             lines.append(f"| `{name}` | {us / 1e3:.2f} | {us / 1e3 / kernel_ms:.1%} | {op_counts[name]} |")
+    wanted = [name for name in args.shapes.split(",") if name]
+    if wanted:
+        # Which calls of these ops cost the time: the same op at one input shape (and dtype) counted together.
+        lines += ["", "| op | input shapes | ms per step | calls per step |", "| --- | --- | --- | --- |"]
+        rows = []
+        for event in prof.key_averages(group_by_input_shape=True):
+            if event.key in wanted and event.device_type == torch.autograd.DeviceType.CPU:
+                us = device_time_us(event) if device.type == "cuda" else float(event.self_cpu_time_total)
+                if us > 0:
+                    rows.append((us / args.steps, event.key, event.input_shapes, event.count // args.steps))
+        for us, key, shapes, count in sorted(rows, key=lambda r: -r[0])[: args.top]:
+            lines.append(f"| `{key}` | {shapes} | {us / 1e3:.2f} | {count} |")
     report("\n".join(lines), args.out)
 
 

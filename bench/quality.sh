@@ -5,7 +5,8 @@
 #   DISTILL_DATA_DIR=/path/to/data TEACHER_GGUF=/root/teacher/smollm2.gguf bash bench/quality.sh [ROW ...]
 #
 # Rows: pure_discrete pure_mamba2 hybrid_data hybrid_even abl_123 abl_23 abl_3 abl_123_real (default: all, in that
-# order; abl_123_real is abl_123 on the real text alone, the data-mix comparison).
+# order; abl_123_real is abl_123 on the real text alone, the data-mix comparison). The first four also at issue 6's
+# ten-minute budget (experiment=gpu_smollm2_10min): pure_discrete_10min, ..., hybrid_even_10min (not in the default).
 # Without TEACHER_GGUF the teacher comes from conf/teacher/smollm2.yaml (PyPI). A row whose run folder is finished is
 # trained no further (distill train resumes a folder and stops at once when its stages are done) and evaluated again
 # only if it has no eval/results.json. Set GEN_TOKENS=0 to skip generation (the rows then need data.mix_fraction=0).
@@ -22,6 +23,7 @@ mkdir -p "$RUNS"
 stamp() { echo "=== $(date +%T) $*"; }
 
 overrides() {  # a row's preset and overrides
+  if [[ $1 == *_10min ]]; then overrides "${1%_10min}" | sed 's/experiment=gpu_smollm2 /experiment=gpu_smollm2_10min /; s/experiment=gpu_smollm2$/experiment=gpu_smollm2_10min/'; return; fi
   case $1 in
     pure_discrete) echo "experiment=gpu_smollm2" ;;
     pure_mamba2) echo "experiment=gpu_smollm2 student=mamba2" ;;

@@ -12,9 +12,10 @@ runs it: eagerly (torch's AdamW) and captured once as a CUDA graph and replayed 
 `trainer.cuda_graphs=true`; off by default: it measured no faster). 3 warm-up steps, then `--steps` timed steps between CUDA
 synchronisations; each step reads its losses back to the host, as training does. Stage 3 runs the fused, chunked
 divergence (what training runs) and, for comparison, full-vocabulary logits (the reference path, eager). The
-teacher's forward alone (no capture, logits) is the scale. `--ablate conv,rms_norm,swiglu,align` adds stage-3 rows
-with each named piece, then all of them, back on the eager path (the PyTorch reference for a kernel; for `align`,
-in_proj's product at its own odd width): what each of the step's kernels buys, measured in one run.
+teacher's forward alone (no capture, logits) is the scale. `--ablate conv,rms_norm,swiglu,align,divergence` adds
+stage-3 rows with each named piece, then all of them, back on the eager path (the PyTorch reference for a kernel;
+for `align`, in_proj's product at its own odd width; for `divergence`, the chunk's loss and gradient through
+autograd): what each of the step's kernels buys, measured in one run.
 """
 
 from __future__ import annotations
@@ -56,13 +57,14 @@ def full_logits_step(student, teacher, ids, precision):
     return StepResult(loss=loss.detach())
 
 
-ABLATABLE = ("conv", "rms_norm", "swiglu", "align")
+ABLATABLE = ("conv", "rms_norm", "swiglu", "align", "divergence")
 
 
 @contextlib.contextmanager
 def without(pieces: tuple[str, ...]):
-    """The named kernels through their PyTorch references (F.conv1d, the family's eager norm and gate) and, for
-    "align", in_proj's product unpadded: the step as it ran before each piece existed."""
+    """The named kernels through their PyTorch references (F.conv1d, the family's eager norm and gate, the chunk
+    divergence through autograd) and, for "align", in_proj's product unpadded: the step as it ran before each piece
+    existed."""
     original, align = kernels._triton_function, AlignedLinear.align
     kernels._triton_function = lambda name: None if name in pieces else original(name)
     if "align" in pieces:

@@ -17,8 +17,8 @@ GROUPS_HELP = """configuration groups (pick one with GROUP=NAME):
   stages       mohawk (stage1 matrix, stage2 hidden, stage3 logits)
   trainer      default, zero2, zero3 (DeepSpeed ZeRO: torchrun --nproc_per_node=N -m distill train trainer=zero2;
                zero3 also shards the student and, with trainer.teacher_zero3, the teacher)
-  experiment   cpu_demo (default), tiny, gpu_smollm2 (one GPU, all 30 layers), ablation_123 / _23 / _3 (stage
-               ablation); ~experiment drops the preset
+  experiment   cpu_demo (default), tiny, gpu_smollm2 (one GPU, all 30 layers), gpu_smollm2_10min (the same at
+               67M tokens), ablation_123 / _23 / _3 (stage ablation); ~experiment drops the preset
 
 most used overrides:
   run_dir=runs/NAME                   where config, metrics.jsonl, checkpoints and summary.md go

@@ -127,10 +127,15 @@ def plot_loss_curves(metrics_path: Path, path: Path) -> bool:
     for ax, stage in zip(axes[0], stages):
         mine = [r for r in rows if r["stage"] == stage]
         steps = [r["step"] for r in mine]
-        for layer in mine[0].get("per_layer", {}):
+        layers = list(mine[0].get("per_layer", {}))
+        for layer in layers:
             ax.plot(steps, [r["per_layer"][layer] for r in mine], lw=0.6, alpha=0.6, label=f"layer {layer}")
         ax.plot(steps, [r["loss"] for r in mine], color="black", lw=1.6, label="mean")
-        ax.legend(fontsize=7)
+        if len(layers) <= 8:  # a legend of more layers covers the curves; the thin lines then stand for all
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.98, 0.95, f"thin: {len(layers)} layers; black: mean", transform=ax.transAxes, ha="right",
+                    va="top", fontsize=7)
         losses = [r["loss"] for r in mine if r["loss"] > 0]
         if losses and max(losses) / min(losses) > 30:
             ax.set_yscale("log")

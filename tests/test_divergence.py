@@ -13,7 +13,7 @@ from distill.stages.stage3 import distillation_loss
 
 
 def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
 
 
 def _case(n=37, H=16, V=53, bias=True):
@@ -30,9 +30,19 @@ def _case(n=37, H=16, V=53, bias=True):
     return s_hidden, s_head, t_hidden, t_head, labels
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize(
+    "divergence, backend",
+    [("forward_kl", "auto"), ("reverse_kl", "auto"), ("jsd", "auto"),
+     # the chunk's divergence through the Triton kernel (Triton's interpreter on a CPU)
+     ("forward_kl", "triton"), ("reverse_kl", "triton")],
+)
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_matches_float64_reference(divergence, bias):
+def test_fused_matches_float64_reference(divergence, backend, bias, monkeypatch):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from distill import kernels
+
+        monkeypatch.setattr(kernels, "_backend", "triton")
     s_hidden, s_head, t_hidden, t_head, labels = _case(bias=bias)
     T, beta, ce_weight = 1.7, 0.3, 0.4
     # Reference: full logits, float64, autograd.
@@ -43,10 +53,13 @@ def test_fused_matches_float64_reference(divergence, bias):
     t_logits = t_hidden.double() @ t_head.weight.detach().double().t() + (t_head.bias.detach().double() if bias else 0)
     ref, ref_parts = divergence_reference(s_logits, t_logits, divergence, T, beta, labels, ce_weight)
     ref.backward()
-    # Fused: chunks of 8 (37 tokens: the last chunk is short).
-    hidden = s_hidden.clone().requires_grad_()
-    loss, parts = fused_linear_divergence(hidden, s_head, t_hidden, t_head, divergence, T, beta, labels, ce_weight,
-                                          chunk_tokens=8)
+    # Fused: chunks of 8 (37 tokens: the last chunk is short); the Triton backend on the GPU where there is one
+    # (compiled kernels take CUDA tensors), else under Triton's interpreter.
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    s_head, t_head = s_head.to(device), t_head.to(device)
+    hidden = s_hidden.to(device).requires_grad_()
+    loss, parts = fused_linear_divergence(hidden, s_head, t_hidden.to(device), t_head, divergence, T, beta,
+                                          labels.to(device), ce_weight, chunk_tokens=8)
     loss.backward()
     assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
     assert abs(parts[divergence].item() - ref_parts[divergence].item()) < 1e-5 * ref_parts[divergence].item()

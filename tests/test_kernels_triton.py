@@ -44,6 +44,7 @@ triton_step = _load("triton_step", "_ssd_step_kernel")
 triton_conv = _load("triton_conv", "_conv_fwd_kernel")
 triton_rmsnorm = _load("triton_rmsnorm", "_rms_fwd_kernel")
 triton_swiglu = _load("triton_swiglu", "_swiglu_fwd_kernel")
+triton_divergence = _load("triton_divergence", "_divergence_kernel")
 
 DEVICE = "cuda" if CUDA else "cpu"
 F64 = torch.float64
@@ -427,3 +428,66 @@ def test_swiglu_matches_reference(shape, dtype, gate_slice) -> None:
     assert rel_err(dev_u.grad, ref_u.grad) < tol
     with pytest.raises(ValueError, match="same shape"):
         triton_swiglu.swiglu_triton(dev_g, dev_u[..., :3])
+
+
+
+# -- stage 3's chunk divergence -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "divergence, temperature, ce, dtype, V, block",
+    [
+        ("forward_kl", 1.0, False, torch.float32, 333, 64),
+        ("forward_kl", 2.0, True, torch.float32, 333, 64),  # T^2 scaling path and the cross-entropy (at T = 1)
+        ("reverse_kl", 1.0, False, torch.float32, 333, 64),
+        ("reverse_kl", 0.7, True, torch.float32, 333, 64),
+        ("forward_kl", 1.0, True, torch.bfloat16, 333, 64),  # bf16 logits, as the LM head's bf16 matmul gives them
+        ("reverse_kl", 1.0, True, torch.bfloat16, 5003, None),  # the default block (2048) and its 8 warps
+    ],
+)
+def test_chunk_divergence_matches_reference(divergence, temperature, ce, dtype, V, block) -> None:
+    """Sums and the student-logit gradient against the float64 reference, vocabulary not a multiple of the block
+    (several blocks a row), student logits a strided view, one ignored label."""
+    g = torch.Generator().manual_seed(next(_seeds))
+    n = 7
+    wide = torch.randn(n, V + 11, generator=g, dtype=F64) * 4
+    s, t = wide[:, 5 : 5 + V], torch.randn(n, V, generator=g, dtype=F64) * 4
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[3] = -100
+    kl_scale, ce_scale = 0.37, 0.21
+    ref = reference.chunk_divergence(s, t, divergence, 0.5, temperature, kl_scale, labels if ce else None,
+                                     ce_scale, F64)
+    dev_s, dev_t = wide.to(DEVICE, dtype)[:, 5 : 5 + V], t.to(DEVICE, dtype)
+    assert not dev_s.is_contiguous()
+    div, ce_sum, grad = triton_divergence.chunk_divergence_triton(
+        dev_s, dev_t, divergence, 0.5, temperature, kl_scale, labels.to(DEVICE) if ce else None, ce_scale,
+        torch.float32, block=block,
+    )
+    # bf16 logits: the reference sees the same rounded values, so only the kernel's float32 arithmetic differs.
+    if dtype != F64:
+        ref = reference.chunk_divergence(dev_s.double().cpu(), dev_t.double().cpu(), divergence, 0.5, temperature,
+                                         kl_scale, labels if ce else None, ce_scale, F64)
+    tol = TOL[torch.float32]
+    assert grad.dtype == torch.float32 and grad.shape == (n, V)
+    assert abs(div.item() - ref[0].item()) / abs(ref[0].item()) < tol
+    if ce:
+        assert abs(ce_sum.item() - ref[1].item()) / abs(ref[1].item()) < tol
+    else:
+        assert ce_sum is None
+    assert rel_err(grad, ref[2]) < tol
+
+
+def test_chunk_divergence_dispatch_and_bad_input() -> None:
+    from distill import kernels
+
+    g = torch.Generator().manual_seed(next(_seeds))
+    s, t = torch.randn(3, 50, generator=g), torch.randn(3, 50, generator=g)
+    # The JSD always takes the reference; the gradient comes in the dtype asked for.
+    div, ce, grad = kernels.chunk_divergence(s.to(DEVICE), t.to(DEVICE), "jsd", 0.3, grad_dtype=torch.bfloat16)
+    ref = reference.chunk_divergence(s, t, "jsd", 0.3)
+    assert grad.dtype == torch.bfloat16 and ce is None
+    assert abs(div.item() - ref[0].item()) < 1e-5 * abs(ref[0].item())
+    with pytest.raises(ValueError, match="forward_kl and reverse_kl"):
+        triton_divergence.chunk_divergence_triton(s, t, "jsd")
+    with pytest.raises(ValueError, match="rows, vocabulary"):
+        triton_divergence.chunk_divergence_triton(s, t[:, :7])

@@ -64,3 +64,16 @@ def test_ablation_presets_share_one_budget(monkeypatch):
         assert cfg.pipeline == stages and cfg.data.mix_fraction == 0.5 and cfg.run_dir == f"runs/abl_{name}"
         totals[name] = sum(cfg.stages[s].tokens for s in stages)
     assert len(set(totals.values())) == 1, totals
+
+
+def test_ten_minute_preset_is_the_gpu_recipe_at_a_larger_budget(monkeypatch):
+    from distill.cli import compose
+    from distill.config import validate
+
+    monkeypatch.setenv("DISTILL_DATA_DIR", "/data")
+    base, long = compose(["experiment=gpu_smollm2"]), compose(["experiment=gpu_smollm2_10min"])
+    validate(long)
+    assert long.data.mix_fraction == base.data.mix_fraction and long.trainer.checkpoint_every == 100
+    for name in ("stage1", "stage2", "stage3"):
+        assert long.stages[name].lr == base.stages[name].lr and long.stages[name].tokens > base.stages[name].tokens
+    assert sum(long.stages[s].tokens for s in long.pipeline) == 67_108_864

@@ -1,4 +1,5 @@
-"""SSD math (and the block's RMSNorm and SwiGLU gate): one function, several implementations.
+"""SSD math (and the block's RMSNorm and SwiGLU gate, and stage 3's chunk divergence): one function, several
+implementations.
 
 `reference.py` is the plain-PyTorch definition (naive loop, materialised matrix, chunked scan, one-token step);
 the Triton files beside it are the fused GPU kernels with the same signatures. The functions exported here pick the
@@ -40,8 +41,8 @@ def get_backend() -> str:
 
 
 def _triton_function(name: str):
-    """The Triton kernel `name` ("ssd", "step", "stage1", "conv", "rms_norm", "swiglu"), or None where triton
-    cannot be imported.
+    """The Triton kernel `name` ("ssd", "step", "stage1", "conv", "rms_norm", "swiglu", "divergence"), or None
+    where triton cannot be imported.
 
     Written as `from .module import function`: transformers finds an exported model's relative imports by that
     pattern and copies those files beside it, so an export keeps its GPU kernels.
@@ -57,6 +58,8 @@ def _triton_function(name: str):
             from .triton_rmsnorm import rms_norm_triton as kernel
         elif name == "swiglu":
             from .triton_swiglu import swiglu_triton as kernel
+        elif name == "divergence":
+            from .triton_divergence import chunk_divergence_triton as kernel
         else:
             from .triton_stage1 import stage1_loss_triton as kernel
     except ImportError:
@@ -127,3 +130,15 @@ def swiglu(gate, up):
     if kernel is not None:
         return kernel(gate, up)
     return reference.swiglu(gate, up)
+
+
+def chunk_divergence(student_logits, teacher_logits, divergence="forward_kl", beta=0.5, temperature=1.0,
+                     kl_scale=1.0, labels=None, ce_scale=0.0, grad_dtype=None):
+    """Stage 3 on a chunk of logits: (divergence sum, cross-entropy sum or None, gradient for the student logits);
+    see reference.chunk_divergence. The kernel computes forward and reverse KL; the JSD takes the reference."""
+    kernel = _use_triton(student_logits, "divergence") if divergence in ("forward_kl", "reverse_kl") else None
+    if kernel is not None:
+        return kernel(student_logits, teacher_logits, divergence, beta, temperature, kl_scale, labels, ce_scale,
+                      grad_dtype)
+    return reference.chunk_divergence(student_logits, teacher_logits, divergence, beta, temperature, kl_scale,
+                                      labels, ce_scale, grad_dtype)

@@ -479,3 +479,59 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     return F.silu(gate) * up
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 3's divergence on a chunk of logits, with its gradient
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def token_divergence(log_p_s: Tensor, log_p_t: Tensor, divergence: str, beta: float = 0.5) -> Tensor:
+    """Each row's divergence (...,) from student and teacher log-probabilities (..., V).
+
+    forward_kl KL(p_t || p_s); reverse_kl KL(p_s || p_t); jsd beta KL(p_t || m) + (1 - beta) KL(p_s || m) with
+    m = beta p_t + (1 - beta) p_s.
+    """
+    if divergence == "forward_kl":
+        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if divergence == "reverse_kl":
+        return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
+    if divergence == "jsd":
+        # log m by logsumexp of the weighted log-probabilities: stable where either distribution underflows.
+        log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log(1 - beta))
+        kl_t = (log_p_t.exp() * (log_p_t - log_m)).sum(-1)
+        kl_s = (log_p_s.exp() * (log_p_s - log_m)).sum(-1)
+        return beta * kl_t + (1 - beta) * kl_s
+    raise ValueError(f"divergence {divergence!r} is not one of {DIVERGENCES}")
+
+
+def chunk_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    kl_scale: float = 1.0,
+    labels: Tensor | None = None,
+    ce_scale: float = 0.0,
+    grad_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One chunk of stage 3: logits (n, V) of student and teacher, softmaxes at `temperature`.
+
+    Returns the sum over rows of the divergence, the sum over rows of the student's (T = 1) cross-entropy on
+    `labels` (n,) (ignore index -100; None without labels), and the gradient of
+    kl_scale * divergence sum + ce_scale * cross-entropy sum with respect to the student logits, in `grad_dtype`
+    (default: the logits' dtype). Half-precision logits are computed in float32.
+    """
+    dtype = _compute_dtype(student_logits.dtype)
+    with torch.enable_grad():
+        s = student_logits.detach().to(dtype).requires_grad_(True)
+        t = teacher_logits.detach().to(dtype)
+        log_p_s = F.log_softmax(s / temperature, dim=-1)
+        log_p_t = F.log_softmax(t / temperature, dim=-1)
+        div = token_divergence(log_p_s, log_p_t, divergence, beta).sum()
+        ce = F.cross_entropy(s, labels, reduction="sum") if labels is not None else None
+        total = div * kl_scale + (ce * ce_scale if ce is not None else 0.0)
+        (grad,) = torch.autograd.grad(total, s)
+    return div.detach(), (ce.detach() if ce is not None else None), grad.to(grad_dtype or student_logits.dtype)

@@ -2,10 +2,11 @@
 (tokens x vocabulary) logits whole.
 
 `divergence_reference` is the definition, on full logits (float64 in tests). `fused_linear_divergence` computes the
-same loss from the final hidden states and the LM heads, a chunk of tokens at a time: each chunk's logits (fp32) are
-built, the loss and its gradient with respect to that chunk's student logits are taken (through the reference, so
-the math exists once), the gradient is pushed through the student's LM head at once, and the chunk's logits are
-dropped. What stays is the gradient for the student's hidden states (tokens x hidden) and LM head, so peak memory is
+same loss from the final hidden states and the LM heads, a chunk of tokens at a time: each chunk's logits are
+built, the loss and its gradient with respect to that chunk's student logits are taken (`distill.kernels.
+chunk_divergence`: a Triton kernel on CUDA for forward and reverse KL, else the PyTorch reference, whose math is the
+one `divergence_reference` uses), the gradient is pushed through the student's LM head at once, and the chunk's
+logits are dropped. What stays is the gradient for the student's hidden states (tokens x hidden) and LM head, so peak memory is
 O(chunk x vocabulary) instead of O(tokens x vocabulary) for each of teacher logits, student logits and their grads.
 
 Divergences, per token, at temperature T (p_t = softmax(teacher / T), p_s = softmax(student / T)):
@@ -20,34 +21,18 @@ ce_weight times the mean cross-entropy of the student's (T = 1) logits on the tr
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-
-
-def _per_token(log_p_s: torch.Tensor, log_p_t: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
-    """Each row's divergence from log-probabilities (..., V)."""
-    if divergence == "forward_kl":
-        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    if divergence == "reverse_kl":
-        return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
-    if divergence == "jsd":
-        # log m by logsumexp of the weighted log-probabilities: stable where either distribution underflows.
-        log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log(1 - beta))
-        kl_t = (log_p_t.exp() * (log_p_t - log_m)).sum(-1)
-        kl_s = (log_p_s.exp() * (log_p_s - log_m)).sum(-1)
-        return beta * kl_t + (1 - beta) * kl_s
-    raise ValueError(f"divergence {divergence!r} is not one of {DIVERGENCES}")
+from .. import kernels
+from ..kernels.reference import DIVERGENCES, token_divergence
 
 
 def _chunk_sums(student_logits, teacher_logits, labels, divergence, beta, temperature):
     """(sum over rows of the divergence, sum over rows of the cross-entropy or None), logits (n, V)."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    div = _per_token(log_p_s, log_p_t, divergence, beta).sum()
+    div = token_divergence(log_p_s, log_p_t, divergence, beta).sum()
     ce = F.cross_entropy(student_logits, labels, reduction="sum") if labels is not None else None
     return div, ce
 
@@ -77,9 +62,10 @@ def divergence_reference(
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-    """hidden (n, H) @ weight (V, H)^T (+ bias) with the matmul in `dtype`, returned in float32."""
-    out = torch.matmul(hidden.to(dtype), weight.to(dtype).t()).float()
-    return out + bias.float() if bias is not None else out
+    """hidden (n, H) @ weight (V, H)^T (+ bias) with the matmul in `dtype` (its output kept in that dtype: the
+    divergence upcasts as it reads; with a bias, float32)."""
+    out = torch.matmul(hidden.to(dtype), weight.to(dtype).t())
+    return out.float() + bias.float() if bias is not None else out
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
@@ -99,23 +85,20 @@ class _FusedLinearDivergence(torch.autograd.Function):
             h = s_hidden[rows]
             with torch.no_grad():
                 t_logits = _logits(t_hidden[rows], t_weight, t_bias, dtype)
-            with torch.enable_grad():
-                s_logits = _logits(h, s_weight, s_bias, dtype).detach().requires_grad_(True)
-                div, ce = _chunk_sums(s_logits, t_logits, labels[rows] if labels is not None else None,
-                                      divergence, beta, temperature)
-                chunk_loss = div * (temperature**2 / n)
-                if ce is not None:
-                    chunk_loss = chunk_loss + ce * (ce_weight / n)
-                (g_logits,) = torch.autograd.grad(chunk_loss, s_logits)
-            div_total += div.detach()
+                s_logits = _logits(h, s_weight, s_bias, dtype)
+            div, ce, g = kernels.chunk_divergence(
+                s_logits, t_logits, divergence, beta, temperature, kl_scale=temperature**2 / n,
+                labels=labels[rows] if labels is not None else None, ce_scale=ce_weight / n, grad_dtype=dtype,
+            )
+            del s_logits, t_logits
+            div_total += div
             if ce is not None:
-                ce_total += ce.detach()
-            g = g_logits.to(dtype)
+                ce_total += ce
             grad_h[rows] = torch.matmul(g, s_weight.to(dtype)).float()
             if want_w:
                 grad_w += torch.matmul(g.t(), h.to(dtype)).float()
             if want_b:
-                grad_b += g_logits.sum(0)
+                grad_b += g.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (s_hidden.dtype, s_weight.dtype, s_bias.dtype if s_bias is not None else None)
         div_mean = div_total * (temperature**2 / n)
