@@ -506,6 +506,17 @@ def token_divergence(log_p_s: Tensor, log_p_t: Tensor, divergence: str, beta: fl
     raise ValueError(f"divergence {divergence!r} is not one of {DIVERGENCES}")
 
 
+def chunk_sums(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, divergence: str,
+               beta: float, temperature: float) -> tuple[Tensor, Tensor | None]:
+    """(sum over rows of the divergence at `temperature`, sum over rows of the (T = 1) cross-entropy on `labels`, or
+    None without labels), logits (n, V) in the dtype to compute in."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    div = token_divergence(log_p_s, log_p_t, divergence, beta).sum()
+    ce = F.cross_entropy(student_logits, labels, reduction="sum") if labels is not None else None
+    return div, ce
+
+
 def chunk_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -528,10 +539,7 @@ def chunk_divergence(
     with torch.enable_grad():
         s = student_logits.detach().to(dtype).requires_grad_(True)
         t = teacher_logits.detach().to(dtype)
-        log_p_s = F.log_softmax(s / temperature, dim=-1)
-        log_p_t = F.log_softmax(t / temperature, dim=-1)
-        div = token_divergence(log_p_s, log_p_t, divergence, beta).sum()
-        ce = F.cross_entropy(s, labels, reduction="sum") if labels is not None else None
+        div, ce = chunk_sums(s, t, labels, divergence, beta, temperature)
         total = div * kl_scale + (ce * ce_scale if ce is not None else 0.0)
         (grad,) = torch.autograd.grad(total, s)
     return div.detach(), (ce.detach() if ce is not None else None), grad.to(grad_dtype or student_logits.dtype)

@@ -22,19 +22,9 @@ ce_weight times the mean cross-entropy of the student's (T = 1) logits on the tr
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels.reference import DIVERGENCES, token_divergence
-
-
-def _chunk_sums(student_logits, teacher_logits, labels, divergence, beta, temperature):
-    """(sum over rows of the divergence, sum over rows of the cross-entropy or None), logits (n, V)."""
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    div = token_divergence(log_p_s, log_p_t, divergence, beta).sum()
-    ce = F.cross_entropy(student_logits, labels, reduction="sum") if labels is not None else None
-    return div, ce
+from ..kernels.reference import DIVERGENCES, chunk_sums
 
 
 def divergence_reference(
@@ -51,7 +41,7 @@ def divergence_reference(
     s = student_logits.to(dtype).flatten(0, -2)
     t = teacher_logits.to(dtype).flatten(0, -2)
     use_ce = bool(ce_weight) and labels is not None
-    div, ce = _chunk_sums(s, t, labels.flatten() if use_ce else None, divergence, beta, temperature)
+    div, ce = chunk_sums(s, t, labels.flatten() if use_ce else None, divergence, beta, temperature)
     n = s.shape[0]
     parts = {divergence: div / n * temperature**2}
     loss = parts[divergence]
