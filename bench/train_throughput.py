@@ -15,7 +15,8 @@ divergence (what training runs) and, for comparison, full-vocabulary logits (the
 teacher's forward alone (no capture, logits) is the scale. `--ablate conv,rms_norm,swiglu,align,divergence` adds
 stage-3 rows with each named piece, then all of them, back on the eager path (the PyTorch reference for a kernel;
 for `align`, in_proj's product at its own odd width; for `divergence`, the chunk's loss and gradient through
-autograd): what each of the step's kernels buys, measured in one run.
+autograd): what each of the step's kernels buys, measured in one run. `--stage1-fp32` adds a stage-1 row with B
+and C upcast to float32 before the fused loss (the step before 2026-12-02).
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ def without(pieces: tuple[str, ...]):
         yield
     finally:
         kernels._triton_function, AlignedLinear.align = original, align
+
+
+@contextlib.contextmanager
+def stage1_bc_float32():
+    """Stage 1 with B and C upcast to float32 before the fused loss, as it ran before 2026-12-02: the kernel's
+    C.B products then go through 3xTF32 instead of bf16 tensor-core products."""
+    original = kernels.stage1_loss
+    kernels.stage1_loss = lambda q, k, softmax_scale, log_a, B, C, scale=None: original(
+        q, k, softmax_scale, log_a, B.float(), C.float(), scale)
+    try:
+        yield
+    finally:
+        kernels.stage1_loss = original
 
 
 def sync(device):
@@ -143,6 +157,8 @@ def main() -> None:
     parser.add_argument("--no-graph", action="store_true", help="time the eager path only")
     parser.add_argument("--ablate", default="",
                         help=f"comma list from {','.join(ABLATABLE)}: stage-3 rows with each piece, then all, undone")
+    parser.add_argument("--stage1-fp32", action="store_true",
+                        help="add a stage-1 row with B and C upcast to float32 before the loss (as before 2026-12-02)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -185,6 +201,11 @@ def main() -> None:
             rows.append(time_stage(name, stage_step(cfg), trainable, student, teacher, ids, precision, args.steps,
                                    device, graph))
             print(rows[-1], flush=True)
+    if args.stage1_fp32:
+        with stage1_bc_float32():
+            rows.append(time_stage(f"{stages[0][0]}, B and C in float32", stage_step(stages[0][1]), stages[0][2],
+                                   student, teacher, ids, precision, args.steps, device))
+        print(rows[-1], flush=True)
     ablate = tuple(name for name in args.ablate.split(",") if name)
     unknown = set(ablate) - set(ABLATABLE)
     if unknown:

@@ -21,7 +21,9 @@ GROUPS_HELP = """configuration groups (pick one with GROUP=NAME):
                67M tokens), ablation_123 / _23 / _3 (stage ablation); ~experiment drops the preset
 
 most used overrides:
-  run_dir=runs/NAME                   where config, metrics.jsonl, checkpoints and summary.md go
+  run_dir=runs/NAME                   where config, metrics.jsonl, checkpoints and summary.md go; the same
+                                      command on the same run_dir resumes it. SIGTERM or Ctrl-C stops a run
+                                      after its current step with a checkpoint (exit 128 + the signal's number)
   student.attention_layers=[3,9,15]   keep these teacher layers as attention (a hybrid)
   student.ssd_layers=[6,13]           or convert exactly these layers
   pipeline=[stage2,stage3]            which stages to run, in order
@@ -59,10 +61,15 @@ def cmd_train(args) -> int:
     if args.cfg:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return 0
+    from .stopping import Stopped
     from .trainer import Trainer
 
     trainer = Trainer(cfg)
-    trainer.run()
+    try:
+        trainer.run()
+    except Stopped as stop:
+        print(f"distill: {stop} (run folder {trainer.run_dir})", file=sys.stderr)
+        return stop.exit_code
     print(f"\nrun folder: {trainer.run_dir}\n")
     print(trainer.summary())
     return 0

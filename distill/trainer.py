@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, graph_step, kernels
 from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .stopping import Stopped, StopRequest
 from .config import RESUME_FREE_KEYS, Config, ConfigError, StageConfig, validate, validate_against_teacher
 from .data import PackedData, build_data
 from .models.teachers import Teacher, load_teacher
@@ -171,6 +172,7 @@ class Trainer:
             save_config(self.run_dir, cfg)
         distributed.barrier()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state if checkpoint else None, self.is_main)
+        self.stop = StopRequest()  # SIGTERM / SIGINT: stop after the current step with a checkpoint (stopping.py)
 
     def heldout(self, model) -> float:
         e = self.cfg.eval
@@ -178,6 +180,10 @@ class Trainer:
         return heldout_perplexity(model, batches, self.device, self.cfg.trainer.precision)
 
     def run(self) -> dict:
+        with self.stop.handle_signals():
+            return self._run()
+
+    def _run(self) -> dict:
         cfg, state = self.cfg, self.state
         if "ppl_teacher" not in state.results and self.cfg.data.holdout_tokens:
             state.results["ppl_teacher"] = self.heldout(self.teacher.model)
@@ -194,6 +200,9 @@ class Trainer:
                 state.stage_index, state.step, state.position, state.tokens = state.stage_index + 1, 0, 0, 0
                 state.stage_done, self.payload = False, None
                 continue
+            if self.stop.pending(self.device):  # it came between two stages: the previous one's checkpoint stands
+                latest = latest_checkpoint(self.run_dir)
+                raise Stopped(self.stop.signum, f"before {cfg.pipeline[state.stage_index]}", latest and latest.name)
             self.run_stage(cfg.pipeline[state.stage_index])
         if self.is_main:
             (self.run_dir / "summary.md").write_text(self.summary())
@@ -303,8 +312,17 @@ class Trainer:
             record["last"] = result.loss
             record["per_layer"] = result.per_layer
             every = cfg.trainer.checkpoint_every
-            if every and state.step % every == 0 and state.step < total:
+            saved_now = bool(every) and state.step % every == 0 and state.step < total
+            if saved_now:
                 self._save(f"{name}-step{state.step:06d}", optimizer, scheduler, engine)
+            if state.step < total and self.stop.pending(self.device):
+                if not saved_now:
+                    self._save(f"{name}-step{state.step:06d}", optimizer, scheduler, engine)
+                bar.close()
+                if captured is not None:
+                    captured.close()
+                raise Stopped(self.stop.signum, f"in {name} at step {state.step} of {total}",
+                              f"{name}-step{state.step:06d}")
         bar.close()
         if captured is not None:
             captured.close()

@@ -100,8 +100,11 @@ def test_captured_step_equals_eager_step(tiny_llama, loss):
             norms.append(float(norm))
         runs[graphs] = (losses, norms, [p.detach().clone() for p in params])
     (l0, n0, w0), (l1, n1, w1) = runs[False], runs[True]
-    for a, b in zip(l0 + n0, l1 + n1):
-        assert abs(a - b) <= 2e-3 * abs(a), (l0, l1, n0, n1)
+    for a, b in zip(l0, l1):
+        assert abs(a - b) <= 2e-3 * abs(a), (l0, l1)
+    # Gradient norms of bf16 gradients: 2.2e-3 apart seen on an H200 (stage 3), within bf16's rounding (3.9e-3).
+    for a, b in zip(n0, n1):
+        assert abs(a - b) <= 5e-3 * abs(a), (n0, n1)
     moved = sum((p - q).norm() for p, q in zip(w1, [p.detach() for p in _stage_setup(base, loss)]))
     assert moved > 0  # the replays trained
     # Weights agree less tightly than losses: Adam's update has size ~lr whatever the gradient's size, so bf16

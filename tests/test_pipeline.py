@@ -66,6 +66,31 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
 
 
+def test_sigterm_stops_after_a_step_with_its_checkpoint_and_the_run_resumes(tmp_path):
+    """SIGTERM (a scheduler's preemption, `timeout`) to a real `distill train`: it saves where it is and exits 143;
+    the checkpoint holds the last logged step, and the same command finishes the run with no step lost or redone."""
+    overrides = ["experiment=tiny", "stages.stage2.tokens=32768", f"run_dir={tmp_path}"]  # checkpoints only at ends
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "train", *overrides], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_checkpoint(proc, tmp_path, "stage1-done")
+    assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read().decode()[-500:]}"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-800:]
+    assert "stopped by SIGTERM" in err.decode() and "run the same command to resume" in err.decode()
+    latest = latest_checkpoint(tmp_path)
+    state = json.loads((latest / "state.json").read_text())
+    stage, step, _ = losses(tmp_path)[-1]
+    assert ["stage1", "stage2", "stage3"][state["stage_index"]] == stage and state["step"] == step
+    assert latest.name == (f"stage2-step{step:06d}" if stage == "stage2" else "stage1-done")
+
+    assert main(["train", *overrides]) == 0
+    steps = [(s, n) for s, n, _ in losses(tmp_path)]
+    assert steps == [("stage1", n) for n in range(1, 9)] + [("stage2", n) for n in range(1, 129)] + \
+        [("stage3", n) for n in range(1, 9)]
+
+
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 3)
     save_checkpoint(tmp_path, "first", model, None, RunState(step=1))

@@ -35,6 +35,32 @@ def test_matrix_loss_is_the_frobenius_distance(tiny_llama):
     assert 0 < zero <= 1
 
 
+def test_matrix_loss_under_bf16_takes_b_and_c_as_projected(tiny_llama, monkeypatch):
+    """Under bf16 autocast B and C reach the fused loss in bf16 (the kernel's tensor-core products; upcast, they
+    went through 3xTF32 and stage 1 ran slowest), and the loss is the float64 distance of those bf16 values."""
+    from distill import kernels
+    from distill.kernels import reference
+
+    seen = []
+    original = kernels.stage1_loss
+
+    def spy(*args):
+        seen.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(kernels, "stage1_loss", spy)
+    student = build_student(tiny_llama, StudentConfig(), attention_layers=[])
+    ids = batch()
+    result = stage_step(stage("matrix"))(student, tiny_llama, ids, "bf16").to_floats()
+    assert len(seen) == len(student.ssd_layers)
+    q, k, softmax_scale, log_a, B, C, scale = seen[-1]
+    assert B.dtype == C.dtype == torch.bfloat16 and B.requires_grad
+    wide = [None if t is None else t.detach().double() for t in (q, k, log_a, B, C, scale)]
+    expected = reference.stage1_loss(wide[0], wide[1], softmax_scale, *wide[2:]) / ids.shape[1] ** 0.5
+    layer = student.ssd_layers[-1]
+    assert abs(result.per_layer[layer] - expected.item()) < 1e-4 * expected.item()
+
+
 def test_hidden_loss_is_the_block_output_distance(tiny_phi):
     student = build_student(tiny_phi, StudentConfig(form="mamba2"), attention_layers=[])
     ids = batch()
