@@ -61,6 +61,7 @@ class StopRequest:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             flag = torch.tensor([0 if self.signum is None else self.signum], device=device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() and self.signum is None:
-                self.signum = int(flag.item())
+            signum = int(flag.item())
+            if signum and self.signum is None:
+                self.signum = signum
         return self.signum is not None

@@ -312,17 +312,15 @@ class Trainer:
             record["last"] = result.loss
             record["per_layer"] = result.per_layer
             every = cfg.trainer.checkpoint_every
-            saved_now = bool(every) and state.step % every == 0 and state.step < total
-            if saved_now:
-                self._save(f"{name}-step{state.step:06d}", optimizer, scheduler, engine)
-            if state.step < total and self.stop.pending(self.device):
-                if not saved_now:
-                    self._save(f"{name}-step{state.step:06d}", optimizer, scheduler, engine)
+            stopping = state.step < total and self.stop.pending(self.device)
+            checkpoint = f"{name}-step{state.step:06d}"
+            if stopping or (every and state.step % every == 0 and state.step < total):
+                self._save(checkpoint, optimizer, scheduler, engine)
+            if stopping:
                 bar.close()
                 if captured is not None:
                     captured.close()
-                raise Stopped(self.stop.signum, f"in {name} at step {state.step} of {total}",
-                              f"{name}-step{state.step:06d}")
+                raise Stopped(self.stop.signum, f"in {name} at step {state.step} of {total}", checkpoint)
         bar.close()
         if captured is not None:
             captured.close()
