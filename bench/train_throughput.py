@@ -9,14 +9,16 @@ Teacher SmolLM2-135M-Instruct (bf16 weights), a pure discrete-Mamba-2 student (a
 kernels auto (Triton on CUDA). Each stage is its trainer step (distill.stages.stage_step: one teacher forward, the
 stage's loss and backward, gradient clipping, AdamW over the stage's trainable set), run two ways as the trainer
 runs it: eagerly (torch's AdamW) and captured once as a CUDA graph and replayed (distill.graph_step, fused AdamW;
-`trainer.cuda_graphs=true`; off by default: it measured no faster). 3 warm-up steps, then `--steps` timed steps between CUDA
+`trainer.cuda_graphs=true`; on in the GPU presets since 2026-12-03, when it measured faster). 3 warm-up steps, then `--steps` timed steps between CUDA
 synchronisations; each step reads its losses back to the host, as training does. Stage 3 runs the fused, chunked
 divergence (what training runs) and, for comparison, full-vocabulary logits (the reference path, eager). The
-teacher's forward alone (no capture, logits) is the scale. `--ablate conv,rms_norm,swiglu,align,divergence` adds
+teacher's forward alone (no capture, logits) is the scale. `--ablate conv,rms_norm,swiglu,align,divergence,out_norm` adds
 stage-3 rows with each named piece, then all of them, back on the eager path (the PyTorch reference for a kernel;
 for `align`, in_proj's product at its own odd width; for `divergence`, the chunk's loss and gradient through
-autograd): what each of the step's kernels buys, measured in one run. `--stage1-fp32` adds a stage-1 row with B
-and C upcast to float32 before the fused loss (the step before 2026-12-02).
+autograd; `out_norm`, the Mamba-2 form's output norm alone, for a mamba2 first form): what each of the step's kernels buys, measured in one run. `--stage1-fp32` adds a stage-1 row with B
+and C upcast to float32 before the fused loss (the step before 2026-12-02). `--chunk-tokens 4096,1024` times stage 3
+at each divergence chunk (the first is used for the other rows); `--forms discrete,mamba2` adds the eager stage rows of
+each further student form (the first form gets every row).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ sys.path.insert(0, str(REPO))
 from distill import kernels  # noqa: E402
 from distill.cli import compose  # noqa: E402
 from distill.config import StageConfig, StudentConfig, TeacherConfig  # noqa: E402
-from distill.models.student.modeling_distill import AlignedLinear  # noqa: E402
+from distill.kernels import reference  # noqa: E402
+from distill.models.student.modeling_distill import AlignedLinear, RMSNorm  # noqa: E402
 from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
 from distill.stages import stage_step, trainable_parameters  # noqa: E402
@@ -58,7 +61,8 @@ def full_logits_step(student, teacher, ids, precision):
     return StepResult(loss=loss.detach())
 
 
-ABLATABLE = ("conv", "rms_norm", "swiglu", "align", "divergence")
+FORM_NAMES = {"discrete": "discrete-Mamba-2", "mamba2": "Mamba-2-form"}
+ABLATABLE = ("conv", "rms_norm", "swiglu", "align", "divergence", "out_norm")
 
 
 @contextlib.contextmanager
@@ -66,14 +70,16 @@ def without(pieces: tuple[str, ...]):
     """The named kernels through their PyTorch references (F.conv1d, the family's eager norm and gate, the chunk
     divergence through autograd) and, for "align", in_proj's product unpadded: the step as it ran before each piece
     existed."""
-    original, align = kernels._triton_function, AlignedLinear.align
+    original, align, out_norm = kernels._triton_function, AlignedLinear.align, RMSNorm.forward
     kernels._triton_function = lambda name: None if name in pieces else original(name)
     if "align" in pieces:
         AlignedLinear.align = 1
+    if "out_norm" in pieces:  # the Mamba-2 form's output norm alone on the reference (the family's norms kept)
+        RMSNorm.forward = lambda self, y: reference.rms_norm(y, self.weight, self.eps).to(y.dtype)
     try:
         yield
     finally:
-        kernels._triton_function, AlignedLinear.align = original, align
+        kernels._triton_function, AlignedLinear.align, RMSNorm.forward = original, align, out_norm
 
 
 @contextlib.contextmanager
@@ -89,12 +95,26 @@ def stage1_bc_float32():
         kernels.stage1_loss = original
 
 
+def within(context, measure):
+    """The measure run inside `context()` (a fresh context manager each time)."""
+    def run():
+        with context():
+            return measure()
+    return run
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One row from a row's rounds: the round of median step time."""
+    timed = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+    return timed[(len(timed) - 1) // 2] if timed else rows[-1]
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def time_stage(name, step, trainable, student, teacher, ids, precision, steps, device, graph=False) -> dict:
+def time_stage(name, step, trainable, student, teacher, ids, *, precision, steps, device, graph=False) -> dict:
     params = trainable_parameters(student, trainable)
     for p in student.parameters():
         p.requires_grad_(False)
@@ -149,7 +169,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--chunk-tokens", type=int, default=4096)
+    parser.add_argument("--chunk-tokens", default="4096",
+                        help="stage-3 divergence chunk(s), comma list: a stage-3 row for each; the first for the rest")
+    parser.add_argument("--forms", default="discrete",
+                        help="student form(s), comma list of discrete, mamba2: the first gets every row, the others "
+                             "the eager stage rows")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--random-smollm2", action="store_true", help="SmolLM2-135M's shapes with random weights")
@@ -159,6 +183,8 @@ def main() -> None:
                         help=f"comma list from {','.join(ABLATABLE)}: stage-3 rows with each piece, then all, undone")
     parser.add_argument("--stage1-fp32", action="store_true",
                         help="add a stage-1 row with B and C upcast to float32 before the loss (as before 2026-12-02)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every row this many times, in turn, and report each row's median")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -171,61 +197,78 @@ def main() -> None:
         if not Path(args.teacher_gguf).is_file():
             sys.exit(f"no teacher at {args.teacher_gguf}: bring the GGUF over as ../shared/device/README.md says")
         tcfg = TeacherConfig(name="smollm2", source="gguf", path=args.teacher_gguf, dtype="bfloat16")
+    chunks = [int(c) for c in args.chunk_tokens.split(",") if c]
+    forms = [f for f in args.forms.split(",") if f]
+    if not chunks or not forms or set(forms) - {"discrete", "mamba2"}:
+        sys.exit("--chunk-tokens takes positive integers and --forms names among discrete, mamba2")
     teacher = load_teacher(tcfg).to(device)
-    student = build_student(teacher, StudentConfig(form="discrete"), attention_layers=[]).to(device)
+    student = build_student(teacher, StudentConfig(form=forms[0]), attention_layers=[]).to(device)
     precision = "bf16"
     ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len), device=device)
 
-    rows = []
-    # The teacher's forward alone (logits, no capture), for scale.
-    with torch.no_grad(), autocast(device, precision):
-        for _ in range(3):
-            teacher.logits(ids)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            teacher.logits(ids)
-        sync(device)
-    seconds = (time.perf_counter() - t0) / args.steps
-    rows.append({"stage": "teacher forward alone", "tok_s": ids.numel() / seconds, "ms": seconds * 1e3,
-                 "peak_gb": float("nan"), "loss": float("nan")})
+    def teacher_forward() -> dict:
+        """The teacher's forward alone (logits, no capture), for scale."""
+        with torch.no_grad(), autocast(device, precision):
+            for _ in range(3):
+                teacher.logits(ids)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                teacher.logits(ids)
+            sync(device)
+        seconds = (time.perf_counter() - t0) / args.steps
+        return {"stage": "teacher forward alone", "tok_s": ids.numel() / seconds, "ms": seconds * 1e3,
+                "peak_gb": float("nan"), "loss": float("nan")}
+
     stages = [
         ("stage 1 (matrix, mixers)", StageConfig(loss="matrix", tokens=1), "mixers"),
         ("stage 2 (hidden, ssd_blocks)", StageConfig(loss="hidden", tokens=1), "ssd_blocks"),
         ("stage 3 (logits fused, all_but_embeddings)",
-         StageConfig(loss="logits", tokens=1, chunk_tokens=args.chunk_tokens), "all_but_embeddings"),
+         StageConfig(loss="logits", tokens=1, chunk_tokens=chunks[0]), "all_but_embeddings"),
     ]
+    timed = lambda *a, **k: lambda: time_stage(*a, precision=precision, steps=args.steps, device=device, **k)
+    measures = [teacher_forward]  # each returns one row; all are run once per round
     modes = ([] if args.no_eager else [False]) + ([True] if device.type == "cuda" and not args.no_graph else [])
     for name, cfg, trainable in stages:
         for graph in modes:
-            rows.append(time_stage(name, stage_step(cfg), trainable, student, teacher, ids, precision, args.steps,
-                                   device, graph))
-            print(rows[-1], flush=True)
+            measures.append(timed(name, stage_step(cfg), trainable, student, teacher, ids, graph=graph))
+    for chunk in chunks[1:]:
+        measures.append(timed(f"stage 3, divergence chunk {chunk} tokens", stage_step(
+            StageConfig(loss="logits", tokens=1, chunk_tokens=chunk)), stages[2][2], student, teacher, ids))
+    for form in forms[1:]:
+        other = build_student(teacher, StudentConfig(form=form), attention_layers=[]).to(device)
+        for name, cfg, trainable in stages:
+            measures.append(timed(f"{name}, {form} form", stage_step(cfg), trainable, other, teacher, ids))
     if args.stage1_fp32:
-        with stage1_bc_float32():
-            rows.append(time_stage(f"{stages[0][0]}, B and C in float32", stage_step(stages[0][1]), stages[0][2],
-                                   student, teacher, ids, precision, args.steps, device))
-        print(rows[-1], flush=True)
+        measures.append(within(stage1_bc_float32, timed(f"{stages[0][0]}, B and C in float32",
+                                                        stage_step(stages[0][1]), stages[0][2], student, teacher, ids)))
     ablate = tuple(name for name in args.ablate.split(",") if name)
     unknown = set(ablate) - set(ABLATABLE)
     if unknown:
         sys.exit(f"--ablate {','.join(sorted(unknown))}: choose among {','.join(ABLATABLE)}")
     for pieces in [(name,) for name in ablate] + ([ablate] if len(ablate) > 1 else []):
-        with without(pieces):
-            rows.append(time_stage(f"stage 3 without {' + '.join(pieces)}", stage_step(stages[2][1]), stages[2][2],
-                                   student, teacher, ids, precision, args.steps, device))
-        print(rows[-1], flush=True)
+        measures.append(within(lambda pieces=pieces: without(pieces), timed(
+            f"stage 3 without {' + '.join(pieces)}", stage_step(stages[2][1]), stages[2][2], student, teacher, ids)))
     if not args.no_eager:
-        rows.append(time_stage("stage 3 (full logits reference)", full_logits_step, "all_but_embeddings", student,
-                               teacher, ids, precision, args.steps, device))
-        print(rows[-1], flush=True)
+        measures.append(timed("stage 3 (full logits reference)", full_logits_step, "all_but_embeddings", student,
+                              teacher, ids))
+    # Rounds: every row once per round, in order, and the median per row. An eager step on a slow host is bound by
+    # its launches and varies from one row to the next; rounds spread that over all rows alike.
+    runs: dict[str, list[dict]] = {}
+    for round_ in range(args.rounds):
+        for measure in measures:
+            row = measure()
+            runs.setdefault(row["stage"], []).append(row)
+            print(round_, row, flush=True)
+    rows = [median_row(r) for r in runs.values()]
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     lines = [
         f"Date {datetime.date.today()}. Device: {name}, torch {torch.__version__}. Teacher "
-        f"{'tiny-llama' if args.tiny else 'SmolLM2-135M (random weights)' if args.random_smollm2 else 'SmolLM2-135M-Instruct'} (bf16 weights) -> pure discrete-Mamba-2 student "
-        f"(all layers SSD); bf16 autocast; batch {args.batch} x {args.seq_len} tokens; fused AdamW; "
-        f"stage-3 chunk {args.chunk_tokens} tokens; mean of {args.steps} steps after 3 warm-up steps; eager steps use "
+        f"{'tiny-llama' if args.tiny else 'SmolLM2-135M (random weights)' if args.random_smollm2 else 'SmolLM2-135M-Instruct'} (bf16 weights) -> pure {FORM_NAMES[forms[0]]} student "
+        f"(all layers SSD; rows marked with another form: that student); bf16 autocast; batch {args.batch} x "
+        f"{args.seq_len} tokens; fused AdamW; stage-3 chunk {chunks[0]} tokens unless marked; mean of {args.steps} steps after 3 warm-up steps"
+        f"{f', median of {args.rounds} rounds (each row once a round)' if args.rounds > 1 else ''}; eager steps use "
         "fused AdamW too.",
         "",
         "| what | tokens/s | ms per step | peak GB |",

@@ -96,8 +96,9 @@ class TrainerConfig:
     progress: bool = True
     # On CUDA without DeepSpeed: capture each stage's whole step (forward, loss, backward, clipping, fused AdamW) as
     # one CUDA graph and replay it for every batch (distill/graph_step.py); a stage whose step cannot be captured
-    # says why and runs eagerly. It pays where launching kernels sets the pace (small batches, slow hosts); at
-    # batch 16 x 2048 on an H200 the step is bound by the GPU and replaying it gained nothing (bench/RESULTS.md).
+    # says why and runs eagerly. It pays where launching kernels sets the pace: with the fused kernels, SmolLM2-135M's
+    # steps at batch 16 x 2048 on an H200 replayed 1.10-1.35x faster (bench/RESULTS.md, 2026-12-03), and the GPU
+    # presets turn it on. Off here: the CPU has no graphs, and one-off runs need not pay the capture.
     cuda_graphs: bool = False
     # A DeepSpeed config (ZeRO stage, offload, ...; conf/trainer/zero2.yaml) for `torchrun ... distill train`: the
     # batch shape and clipping come from each stage. Empty: one process, no DeepSpeed.

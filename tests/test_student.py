@@ -171,3 +171,25 @@ def test_block_kernels_keep_the_family_function():
     assert rel(outs[0][0], outs[1][0]) < 1e-6
     for g_ours, g_family in zip(outs[0][1], outs[1][1]):
         assert rel(g_ours, g_family) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba2_output_norm_is_rmsnorm_in_its_input_dtype(dtype):
+    """The Mamba-2 form's output norm: weight * y / rms(y), returned in y's dtype; exact against the float64
+    definition in float32, within bf16's rounding (its kernel rounds the normalized y once more) in bf16."""
+    from distill.models.student.modeling_distill import RMSNorm
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    norm = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g))
+    y = (torch.randn(3, 7, 48, generator=g, dtype=torch.float64) * 5).to(dtype).requires_grad_()
+    out = norm(y)
+    y64, w64 = y.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    expected = w64 * y64 / y64.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    dout = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    (out.double() * dout).sum().backward()
+    (expected * dout).sum().backward()
+    tol = 1e-6 if dtype == torch.float32 else 1.6e-2
+    assert out.dtype == dtype and rel(out, expected) < tol
+    assert rel(y.grad, y64.grad) < tol and rel(norm.weight.grad, w64.grad) < tol
