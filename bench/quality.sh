@@ -62,9 +62,11 @@ overrides() {  # a row's preset and overrides
 
 if [ "$GEN_TOKENS" -gt 0 ]; then
   stamp "generate $GEN_TOKENS tokens"
+  rc=0
   run python3 -m distill generate "${TEACHER[@]}" data=nltk-train out="$RUNS/gen" tokens="$GEN_TOKENS" \
-    batch_size=2048 progress=false > "$RUNS/generate.log" 2>&1 || { rc=$?; stop_if_signalled $rc; exit $rc; }
-  stop_if_signalled 0
+    batch_size=2048 progress=false > "$RUNS/generate.log" 2>&1 || rc=$?
+  stop_if_signalled $rc
+  [ $rc = 0 ] || exit $rc
 fi
 for row in "${ROWS[@]}"; do
   read -r -a args <<< "$(overrides "$row") ${TRAIN_OVERRIDES:-}"

@@ -197,10 +197,12 @@ def main() -> None:
         if not Path(args.teacher_gguf).is_file():
             sys.exit(f"no teacher at {args.teacher_gguf}: bring the GGUF over as ../shared/device/README.md says")
         tcfg = TeacherConfig(name="smollm2", source="gguf", path=args.teacher_gguf, dtype="bfloat16")
-    chunks = [int(c) for c in args.chunk_tokens.split(",") if c]
+    chunk_list = [c for c in args.chunk_tokens.split(",") if c]
     forms = [f for f in args.forms.split(",") if f]
-    if not chunks or not forms or set(forms) - {"discrete", "mamba2"}:
+    if not chunk_list or not all(c.isdigit() and int(c) > 0 for c in chunk_list) \
+            or not forms or set(forms) - {"discrete", "mamba2"}:
         sys.exit("--chunk-tokens takes positive integers and --forms names among discrete, mamba2")
+    chunks = [int(c) for c in chunk_list]
     teacher = load_teacher(tcfg).to(device)
     student = build_student(teacher, StudentConfig(form=forms[0]), attention_layers=[]).to(device)
     precision = "bf16"
@@ -260,7 +262,7 @@ def main() -> None:
             row = measure()
             runs.setdefault(row["stage"], []).append(row)
             print(round_, row, flush=True)
-    rows = [median_row(r) for r in runs.values()]
+    rows = [(median_row(r), r) for r in runs.values()]
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     lines = [
@@ -271,16 +273,18 @@ def main() -> None:
         f"{f', median of {args.rounds} rounds (each row once a round)' if args.rounds > 1 else ''}; eager steps use "
         "fused AdamW too.",
         "",
-        "| what | tokens/s | ms per step | peak GB |",
-        "| --- | --- | --- | --- |",
     ]
-    for r in rows:
+    each = args.rounds > 1  # a column with every round's step time beside the median
+    lines += ["| what | tokens/s | ms per step |" + (" ms, each round |" if each else "") + " peak GB |",
+              "| --- | --- | --- |" + (" --- |" if each else "") + " --- |"]
+    for r, rounds in rows:
+        per_round = (" " + ", ".join(f"{x['ms']:.1f}" for x in rounds if "ms" in x) + " |") if each else ""
         if r.get("oom"):
-            lines.append(f"| {r['stage']} | out of memory | | |")
+            lines.append(f"| {r['stage']} | out of memory | |{per_round} |")
         elif r.get("failed"):
-            lines.append(f"| {r['stage']} | not captured: {r['failed'][:80]} | | |")
+            lines.append(f"| {r['stage']} | not captured: {r['failed'][:80]} | |{per_round} |")
         else:
-            lines.append(f"| {r['stage']} | {r['tok_s']:,.0f} | {r['ms']:.1f} | {r['peak_gb']:.1f} |")
+            lines.append(f"| {r['stage']} | {r['tok_s']:,.0f} | {r['ms']:.1f} |{per_round} {r['peak_gb']:.1f} |")
     report("\n".join(lines), args.out)
 
 
