@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The quality table of bench/RESULTS.md on one GPU: teacher-written data, then each row's `distill train` and its
-# `distill eval` (the eval of one row runs beside the training of the next), one log per run under $RUNS.
+# `distill eval` (the eval of one row runs beside the training of the next), one log per run under $RUNS, and at
+# the end `distill compare` of the rows run ($RUNS/compare/compare.{md,png}).
 #
 #   DISTILL_DATA_DIR=/path/to/data TEACHER_GGUF=/root/teacher/smollm2.gguf bash bench/quality.sh [ROW ...]
 #
@@ -85,4 +86,12 @@ for row in "${ROWS[@]}"; do
   fi
 done
 wait
+# The rows side by side (read from their run folders: no GPU): loss curves, held-out perplexity, scores.
+done_rows=()
+for row in "${ROWS[@]}"; do [ -f "$RUNS/$row/metrics.jsonl" ] && done_rows+=("$RUNS/$row"); done
+if [ ${#done_rows[@]} -gt 1 ]; then
+  list=$(IFS=,; echo "${done_rows[*]}")
+  python3 -m distill compare "runs=[$list]" out="$RUNS/compare" > "$RUNS/compare.log" 2>&1 \
+    && stamp "compared: $RUNS/compare/compare.md" || stamp "compare failed: see $RUNS/compare.log"
+fi
 stamp "done: $RUNS/*/summary.md, $RUNS/*/eval/results.md"

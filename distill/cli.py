@@ -108,6 +108,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    cfg = compose(args.overrides, "compare")
+    from .compare import compare_runs
+
+    out = compare_runs(list(cfg.runs), cfg.out, list(cfg.labels) if cfg.labels is not None else None)
+    print((out / "compare.md").read_text())
+    print(f"picture and table in {out}")
+    return 0
+
+
 def cmd_export(args) -> int:
     cfg = compose(args.overrides, "export")
     from .export import export_run
@@ -137,6 +147,17 @@ INSPECT_HELP = """overrides:
 writes matrices_layer*.png (teacher attention | student mixing matrix | difference, log scale), layer_losses.png
 (per-layer stage-1 distance and stage-2 relative error on held-out data), loss_curves.png (metrics.jsonl) and
 summary.md (layers ranked worst fit first, and a student.attention_layers=[..] suggestion for a hybrid).
+"""
+
+
+COMPARE_HELP = """overrides:
+  runs=[runs/abl_123,runs/abl_23,runs/abl_3]   run folders that `distill train` wrote (required)
+  labels=[1+2+3,2+3,3]                         one name per run (default: the folders' names)
+  out=DIR                                      where to write (default: compare)
+
+writes compare.png (each stage's mean loss against the tokens it has seen, one line per run; held-out perplexity
+after each stage) and compare.md (tokens per stage, held-out perplexity, and the 6-task average with its standard
+error and wikitext perplexity where `distill eval` wrote RUN/eval/results.json). Reads only the run folders' files.
 """
 
 
@@ -198,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         "draw teacher attention beside the student's mixing matrices and rank layers by how badly they fit",
         "Pictures and a per-layer fit ranking of a run's student (the hint for a hybrid's layers).",
         INSPECT_HELP,
+    ).add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
+    command(
+        "compare", cmd_compare,
+        "put several runs side by side: loss curves, held-out perplexity and lm-eval scores (ablations, sweeps)",
+        "One picture and one table of several run folders, read from their metrics.jsonl and eval results.",
+        COMPARE_HELP,
     ).add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
     return parser
 

@@ -164,6 +164,15 @@ class InspectCommandConfig:
 
 
 @dataclass
+class CompareCommandConfig:
+    """`distill compare`: run folders side by side (loss curves, held-out perplexity, lm-eval scores)."""
+
+    runs: list[str] = MISSING  # run folders that `distill train` wrote
+    labels: list[str] | None = None  # one name per run (default: the folders' names)
+    out: str = "compare"  # the folder for compare.png and compare.md
+
+
+@dataclass
 class GenerateCommandConfig:
     """`distill generate`: the teacher writes training text, in shards a data config reads (data.mix_path)."""
 
@@ -196,6 +205,7 @@ ConfigStore.instance().store(name="base_config", node=Config)
 ConfigStore.instance().store(name="export_config", node=ExportCommandConfig)
 ConfigStore.instance().store(name="generate_config", node=GenerateCommandConfig)
 ConfigStore.instance().store(name="inspect_config", node=InspectCommandConfig)
+ConfigStore.instance().store(name="compare_config", node=CompareCommandConfig)
 ConfigStore.instance().store(name="eval_config", node=EvalCommandConfig)
 
 LOSSES = ("matrix", "hidden", "logits")

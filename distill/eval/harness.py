@@ -179,7 +179,7 @@ def _value(column: Mapping[str, Any], task: str, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _benchmark_value(column: Mapping[str, Any], benchmark: str, metric: str) -> float | None:
+def benchmark_value(column: Mapping[str, Any], benchmark: str, metric: str) -> float | None:
     """A benchmark's metric from its offline twin, else from its lm-eval task."""
     twin = _value(column, f"distill_{benchmark}", metric)
     return twin if twin is not None else _value(column, benchmark, metric)
@@ -187,10 +187,24 @@ def _benchmark_value(column: Mapping[str, Any], benchmark: str, metric: str) -> 
 
 def six_task_average(column: Mapping[str, Any]) -> float | None:
     """Mean of the AVERAGE_OF accuracies in percent; None unless all six are present."""
-    values = [_benchmark_value(column, benchmark, metric) for benchmark, metric in AVERAGE_OF]
+    values = [benchmark_value(column, benchmark, metric) for benchmark, metric in AVERAGE_OF]
     if any(value is None for value in values):
         return None
     return 100.0 * sum(values) / len(values)  # type: ignore[arg-type]
+
+
+def six_task_average_stderr(column: Mapping[str, Any]) -> float | None:
+    """Standard error of six_task_average in percent, from lm-eval's per-task standard errors (the six test sets
+    are independent: sqrt of the summed variances over 6); None unless evaluate()'s raw output holds all six."""
+    results = column.get(RAW_KEY, {}).get("results", {}) if isinstance(column.get(RAW_KEY), Mapping) else {}
+    variances = []
+    for benchmark, metric in AVERAGE_OF:
+        task = results.get(f"distill_{benchmark}", results.get(benchmark, {}))
+        stderr = task.get(f"{metric}_stderr,none") if isinstance(task, Mapping) else None
+        if not isinstance(stderr, (int, float)):  # lm-eval writes "N/A" where it has none
+            return None
+        variances.append(float(stderr) ** 2)
+    return 100.0 * sum(variances) ** 0.5 / len(variances)
 
 
 def _shown(metric: str, value: float | None) -> str:
