@@ -68,9 +68,9 @@ def _stages(records: list[RunRecord]) -> list[str]:
 
 
 def plot_runs(records: list[RunRecord], path: Path) -> None:
-    from .inspect import _plt
+    from .inspect import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     stages = _stages(records)
     fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4.3 * (len(stages) + 1), 3.6), squeeze=False)
     colors = {r.label: f"C{i % 10}" for i, r in enumerate(records)}

@@ -58,7 +58,8 @@ def rank(fits: list[LayerFit]) -> list[tuple[LayerFit, float]]:
     return sorted(combined, key=lambda fc: (fc[1], -fc[0].hidden))
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a training machine)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +71,7 @@ def _plt():
 @torch.no_grad()
 def plot_matrices(run, ids: torch.Tensor, layer: int, heads: list[int], path: Path) -> None:
     """Teacher attention | student mixing matrix | difference, for `heads` of `layer`, on one sequence."""
-    plt = _plt()
+    plt = pyplot()
     record = run.teacher.capture(ids[:1], [layer]).layers[layer]
     block = run.student.model.layers[layer]
     A = record.attention_matrix()[0].float()
@@ -98,7 +99,7 @@ def plot_matrices(run, ids: torch.Tensor, layer: int, heads: list[int], path: Pa
 
 
 def plot_layer_fits(fits: list[LayerFit], num_layers: int, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     layers = [f.layer for f in fits]
     ax1.bar(layers, [f.matrix for f in fits], color="tab:blue")
@@ -122,7 +123,7 @@ def plot_loss_curves(metrics_path: Path, path: Path) -> bool:
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     if not stages:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.6), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         mine = [r for r in rows if r["stage"] == stage]
