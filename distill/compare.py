@@ -73,13 +73,13 @@ def plot_runs(records: list[RunRecord], path: Path) -> None:
     plt = pyplot()
     stages = _stages(records)
     fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4.3 * (len(stages) + 1), 3.6), squeeze=False)
-    colors = {r.label: f"C{i % 10}" for i, r in enumerate(records)}
+    colors = {id(r): f"C{i % 10}" for i, r in enumerate(records)}  # by run: two folders may share a name
     for ax, stage in zip(axes[0], stages):
         losses = []
         for record in records:
             curve = record.curves.get(stage)
             if curve:
-                ax.plot([t / 1e6 for t, _ in curve], [v for _, v in curve], color=colors[record.label], lw=1.3,
+                ax.plot([t / 1e6 for t, _ in curve], [v for _, v in curve], color=colors[id(record)], lw=1.3,
                         label=record.label)
                 losses += [v for _, v in curve if v > 0]
         if losses and max(losses) / min(losses) > 30:
@@ -91,7 +91,7 @@ def plot_runs(records: list[RunRecord], path: Path) -> None:
     points = ["transfer"] + stages
     for record in records:
         xs = [i for i, p in enumerate(points) if p in record.heldout]
-        ax.plot(xs, [record.heldout[points[i]] for i in xs], marker="o", color=colors[record.label],
+        ax.plot(xs, [record.heldout[points[i]] for i in xs], marker="o", color=colors[id(record)],
                 label=record.label)
     teacher = next((r.heldout["teacher"] for r in records if "teacher" in r.heldout), None)
     if teacher is not None:
