@@ -131,7 +131,10 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path, labels: list[str] | N
         raise ConfigError("runs=[] is empty: list run folders, e.g. runs=[runs/abl_123,runs/abl_23]")
     if labels is not None and len(labels) != len(run_dirs):
         raise ConfigError(f"labels= has {len(labels)} names for {len(run_dirs)} runs: give one per run, or none")
-    records = [read_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
+    if labels is None:  # the folders' names, or their paths where two names are the same
+        names = [Path(d).name for d in run_dirs]
+        labels = [n if names.count(n) == 1 else str(d) for n, d in zip(names, run_dirs)]
+    records = [read_run(d, label) for d, label in zip(run_dirs, labels)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_runs(records, out / "compare.png")

@@ -85,3 +85,17 @@ def test_compare_errors_say_what_to_change(tmp_path):
     with pytest.raises(ConfigError, match="one per run"):
         compare_runs([str(tmp_path / "a")], tmp_path / "out", labels=["x", "y"])
     assert main(["compare", "runs=[]"]) == 2
+
+
+def test_same_folder_names_get_their_paths_as_labels(tmp_path):
+    from distill.compare import compare_runs
+
+    runs = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    for n, run in enumerate(runs):
+        run.mkdir(parents=True)
+        rows = [{"stage": "stage3", "step": s, "tokens": 64 * s, "loss": 2.0 / s + n} for s in (1, 2)]
+        rows.append({"event": "heldout", "stage": "stage3", "student": 40.0 + n})
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    table = (compare_runs([str(r) for r in runs], tmp_path / "out") / "compare.md").read_text()
+    assert f"| {runs[0]} |" in table and f"| {runs[1]} |" in table
+    assert "| 40.00 |" not in table and "- / 40.00 |" in table and "- / 41.00 |" in table
