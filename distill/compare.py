@@ -67,11 +67,14 @@ def _stages(records: list[RunRecord]) -> list[str]:
     return sorted(names, key=lambda n: (number(n), names.index(n)))
 
 
-def plot_runs(records: list[RunRecord], path: Path) -> None:
+def _teacher_heldout(records: list[RunRecord]) -> float | None:
+    return next((r.heldout["teacher"] for r in records if "teacher" in r.heldout), None)
+
+
+def plot_runs(records: list[RunRecord], stages: list[str], path: Path) -> None:
     from .inspect import pyplot
 
     plt = pyplot()
-    stages = _stages(records)
     fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4.3 * (len(stages) + 1), 3.6), squeeze=False)
     colors = {id(r): f"C{i % 10}" for i, r in enumerate(records)}  # by run: two folders may share a name
     for ax, stage in zip(axes[0], stages):
@@ -93,7 +96,7 @@ def plot_runs(records: list[RunRecord], path: Path) -> None:
         xs = [i for i, p in enumerate(points) if p in record.heldout]
         ax.plot(xs, [record.heldout[points[i]] for i in xs], marker="o", color=colors[id(record)],
                 label=record.label)
-    teacher = next((r.heldout["teacher"] for r in records if "teacher" in r.heldout), None)
+    teacher = _teacher_heldout(records)
     if teacher is not None:
         ax.axhline(teacher, color="black", ls="--", lw=1, label="teacher")
     ax.set_yscale("log")
@@ -105,9 +108,8 @@ def plot_runs(records: list[RunRecord], path: Path) -> None:
     plt.close(fig)
 
 
-def table(records: list[RunRecord]) -> str:
-    stages = _stages(records)
-    teacher = next((r.heldout["teacher"] for r in records if "teacher" in r.heldout), None)
+def table(records: list[RunRecord], stages: list[str]) -> str:
+    teacher = _teacher_heldout(records)
     lines = [
         f"| run | tokens: {' / '.join(stages)} | held-out perplexity: transfer / after {' / '.join(stages)} "
         "| 6-task average (± s.e.) | wikitext word ppl |",
@@ -137,6 +139,7 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path, labels: list[str] | N
     records = [read_run(d, label) for d, label in zip(run_dirs, labels)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot_runs(records, out / "compare.png")
-    (out / "compare.md").write_text(table(records) + "\n![loss curves and held-out perplexity](compare.png)\n")
+    stages = _stages(records)
+    plot_runs(records, stages, out / "compare.png")
+    (out / "compare.md").write_text(table(records, stages) + "\n![loss curves and held-out perplexity](compare.png)\n")
     return out
