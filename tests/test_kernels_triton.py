@@ -139,6 +139,21 @@ def test_ssd_chunked_float32_interpreted_or_gpu() -> None:
     check_ssd(ssd_inputs(2, 45, 4, 24, 16, 2, 4), torch.float32, 16)
 
 
+@pytest.mark.parametrize("chunk_size", [100, 128, 256])
+def test_ssd_chunked_float32_wide_chunks_run_at_64(monkeypatch, chunk_size) -> None:
+    """Float32 at a chunk of 128 (or what rounds to it: 100, mamba_ssm's 256) compiles for minutes on the GPU (exact
+    products from scalar FMAs): the kernels run it at 64, the same function; half precision keeps 128."""
+    seen = []
+    original = triton_ssd._chunk_block
+    monkeypatch.setattr(triton_ssd, "_chunk_block", lambda c, d=torch.bfloat16: seen.append(original(c, d)) or seen[-1])
+    check_ssd(ssd_inputs(1, 140, 2, 16, 16, 2, 2), torch.float32, chunk_size)
+    assert seen and set(seen) == {64}  # forward and backward alike
+    assert original(chunk_size, torch.bfloat16) == 128 and original(chunk_size, torch.float64) == 64
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            original(bad, torch.float32)
+
+
 @pytest.mark.parametrize("block_p,segments", [(16, 1), (64, 3), (16, 4)])
 @pytest.mark.parametrize("options", [(True, True, True), (False, False, False)], ids=["all", "none"])
 def test_ssd_chunked_p_blocks_and_segments(monkeypatch, block_p: int, segments: int, options) -> None:

