@@ -276,7 +276,9 @@ def rank_run(cfg) -> Path:
         raise ConfigError("recall_weight and recall_sink must not be negative")
     device = pick_device(cfg.device)
     run = load_run(cfg.checkpoint, device)
-    run.teacher.model.float()  # its blocks run inside the float32 student (hybrid_view); autocast sets the matmuls
+    # The teacher's blocks run inside the float32 student (hybrid_view; autocast sets the matmuls' dtype). Module's
+    # own float(): transformers refuses it on a model loaded from GGUF, whose weights are dequantized already.
+    torch.nn.Module.float(run.teacher.model)
     if len(run.student.ssd_layers) < 2:
         raise ConfigError(f"{cfg.checkpoint}'s student has {len(run.student.ssd_layers)} SSD layer(s): nothing to rank")
     precision = resolve(cfg.precision, "float32", device).precision
