@@ -1,7 +1,7 @@
 """Benchmark: the decode payoff. Tokens/s and memory of an exported pure-SSD student against its teacher.
 
     python bench/generate.py --teacher-gguf /root/teacher/smollm2.gguf [--prompts 2048,8192,32768] [--batches 1,64]
-                             [--new-tokens 64] [--out FILE]
+                             [--new-tokens 64] [--attention "20;8,20,23"] [--out FILE]
 
 Both through `generate()` (greedy, bf16, `min_new_tokens` = `max_new_tokens` so EOS cannot end a run early):
   teacher   SmolLM2-135M-Instruct, with the default dynamic cache and with `cache_implementation="static"`; the
@@ -10,7 +10,8 @@ Both through `generate()` (greedy, bf16, `min_new_tokens` = `max_new_tokens` so 
   student   the teacher's weights transferred into a pure discrete-Mamba-2 student (all 30 layers SSD), exported
             with `distill export` and loaded back with `trust_remote_code`, decoding on its recurrent cache and the
             Triton decode step, eagerly and with `enable_cuda_graph_decode()` (weights untrained: speed does not
-            depend on them).
+            depend on them). `--attention` adds hybrids (semicolon-separated lists of the layers each keeps as
+            attention; their KV caches grow with the prompt, and they decode eagerly): the attention-budget curve.
 Time: wall clock of `generate()` with N new tokens minus that with 1 new token (the prefill), so tokens/s is the
 decode rate; peak memory is torch.cuda.max_memory_allocated over the whole call. Runs that do not fit are reported as
 out of memory.
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--student-new-tokens", type=int, default=256)
     parser.add_argument("--skip-static", action="store_true", help="teacher: default cache only")
+    parser.add_argument("--attention", default="", help='hybrids too, e.g. "20;20,23;8,20,23" (layers kept)')
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not Path(args.teacher_gguf).is_file():
@@ -100,17 +102,23 @@ def main() -> None:
     lengths = [int(x) for x in args.prompts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
 
+    hybrids = [[int(i) for i in h.split(",")] for h in args.attention.split(";") if h.strip()]
     tcfg = TeacherConfig(name="smollm2", source="gguf", path=args.teacher_gguf, dtype="bfloat16")
     teacher = load_teacher(tcfg)
-    student = build_student(teacher, StudentConfig(form="discrete"), attention_layers=[])
-    with tempfile.TemporaryDirectory() as tmp:
-        export_student(student, teacher.tokenizer, Path(tmp) / "student")
-        from transformers import AutoModelForCausalLM
 
-        exported = AutoModelForCausalLM.from_pretrained(
-            Path(tmp) / "student", trust_remote_code=True, dtype=torch.bfloat16
-        ).cuda().eval()
-    del student
+    def exported_student(attention_layers: list[int]):
+        """The student as a user gets it: exported, loaded back with its remote code, bf16 on the GPU."""
+        student = build_student(teacher, StudentConfig(form="discrete"), attention_layers=attention_layers)
+        with tempfile.TemporaryDirectory() as tmp:
+            export_student(student, teacher.tokenizer, Path(tmp) / "student")
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(
+                Path(tmp) / "student", trust_remote_code=True, dtype=torch.bfloat16
+            ).cuda().eval()
+
+    exported = exported_student([])
+    hybrid_models = [(h, exported_student(h)) for h in hybrids]
     hf_teacher = teacher.model.to("cuda", torch.bfloat16).eval()
     hf_teacher.set_attn_implementation("sdpa")  # the teacher's stock fast path, not distill's capture hook
     vocab = hf_teacher.config.vocab_size
@@ -130,14 +138,17 @@ def main() -> None:
             exported.enable_cuda_graph_decode(True)
             rows.append((prompt, batch, "student, CUDA-graph steps",
                          measure(exported, batch, prompt, args.student_new_tokens, vocab)))
+            for layers, hybrid in hybrid_models:
+                rows.append((prompt, batch, f"hybrid, attention at {layers}",
+                             measure(hybrid, batch, prompt, args.student_new_tokens, vocab)))
             for row in rows[first:]:
                 print(row, flush=True)
 
     lines = [
         f"Date {datetime.date.today()}. Device: {torch.cuda.get_device_name()}, torch {torch.__version__}. bf16, "
         f"greedy; teacher {args.new_tokens} and student {args.student_new_tokens} new tokens per sequence; decode "
-        "tokens/s (prefill excluded), ms per decode step, peak GB over the call; ratio = student (best path) / "
-        "teacher (best cache).",
+        "tokens/s (prefill excluded), ms per decode step, peak GB over the call; ratio = pure student (best path) "
+        "/ teacher (best cache).",
         "",
         "| prompt | batch | model, path | decode tokens/s | ms per step | peak GB | prefill s | ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -147,7 +158,7 @@ def main() -> None:
         for batch in batches:
             group = [(who, r) for p, b, who, r in rows if (p, b) == (prompt, batch)]
             teachers = [r["tok_s"] for who, r in group if who.startswith("teacher") and ok(r)]
-            students = [r["tok_s"] for who, r in group if who.startswith("student") and ok(r)]
+            students = [r["tok_s"] for who, r in group if who.startswith("student") and ok(r)]  # the pure one
             ratio = f"{max(students) / max(teachers):.1f}x" if teachers and students else ""
             for who, r in group:
                 tok_s, ms, gb = fmt(r)
