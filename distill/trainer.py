@@ -17,13 +17,13 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from . import distributed, kernels, step_engine
-from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import RunState, latest_checkpoint, load_checkpoint, set_rng_state
 from .stopping import Stopped, StopRequest
 from .config import RESUME_FREE_KEYS, Config, ConfigError, StageConfig, validate, validate_against_teacher
 from .data import PackedData, build_data
 from .models.teachers import Teacher, load_teacher
 from .models.transfer import build_student
-from .stages import stage_step, trainable_parameters
+from .stages import trainable_parameters
 from .stages.common import autocast
 
 
