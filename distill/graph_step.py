@@ -19,7 +19,7 @@ What a captured step needs, and how it gets it:
 - warm-up steps (they compile the Triton kernels and settle the allocator) must not change the run: the weights
   and the optimizer state are put back before the capture, so a run computes what the eager one does.
 Capture fails where some code inside the step synchronises with the host; `capture_step` then returns None with
-the reason, and the trainer runs that stage eagerly.
+the reason, and the stage's engine (step_engine.GraphStepEngine) runs it eagerly.
 """
 
 from __future__ import annotations

@@ -16,15 +16,15 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from . import distributed, graph_step, kernels, precision
-from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from . import distributed, kernels, precision, step_engine
+from .checkpoint import RunState, latest_checkpoint, load_checkpoint, set_rng_state
 from .stopping import Stopped, StopRequest
 from .config import RESUME_FREE_KEYS, Config, ConfigError, StageConfig, validate, validate_against_teacher
 from .data import PackedData, build_data
 from .models.teachers import Teacher, load_teacher
 from .models.transfer import build_student
 from .run_folder import init_from
-from .stages import stage_step, trainable_parameters
+from .stages import trainable_parameters
 from .stages.common import autocast
 
 
@@ -246,35 +246,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         stage = cfg.stages[name]
         total = stage.tokens // (stage.batch_size * stage.seq_len)
-        params = trainable_parameters(self.student, stage.trainable)
-        for p in self.student.parameters():
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        # trainer.cuda_graphs (CUDA, one process): the whole step replays from one CUDA graph, for runs whose pace
-        # the host's kernel launches set (graph_step.py).
-        graphs = cfg.trainer.cuda_graphs and self.device.type == "cuda" and not self.deepspeed
-        if self.deepspeed:
-            optimizer = distributed.make_optimizer(list(params.values()), stage, cfg.trainer, self.device)
-        else:
-            optimizer = graph_step.make_adamw(list(params.values()), stage.lr, stage.weight_decay, self.device, graphs)
-        scheduler = graph_step.lambda_schedule(optimizer, lambda s: lr_factor(s, total, stage))
-        saved = self.payload.get("optimizer") if self.payload is not None else None
-        engine = None
-        if self.deepspeed:
-            config = distributed.engine_config(cfg.trainer.deepspeed, stage, self.world)
-            engine = distributed.initialize(self.student, optimizer, scheduler, config, stage)
-            # DeepSpeed's own checkpoint where this number of processes wrote it; else the consolidated one's.
-            why = distributed.resume_engine(engine, self.checkpoint, self.world) if saved else None
-            if why:
-                self._fresh_moments(name, optimizer, scheduler, saved, why)
-        elif saved:
-            if saved.get("optimizer") is not None:
-                graph_step.load_optimizer_state(optimizer, saved["optimizer"])
-                graph_step.load_schedule_state(scheduler, saved["scheduler"])
-            else:  # a DeepSpeed checkpoint's moments are partitioned over its processes (in its deepspeed/ folder)
-                self._fresh_moments(name, optimizer, scheduler, saved, "it was written by DeepSpeed")
-        step_fn = stage_step(stage)
+        engine = self._engine(name, stage, total)
         batches = self.data.batches(stage.batch_size, stage.seq_len, state.position)
         self.student.train()
         bar = tqdm(
@@ -285,87 +257,82 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        record = state.results.setdefault(name, {})
-        first_losses, last_losses = record.setdefault("first", []), record.setdefault("recent", [])
+        state.results.setdefault(name, {"first": [], "recent": []})  # the summary's losses (_record)
         t0, tokens0 = time.perf_counter(), state.tokens
-        captured = None
         while state.step < total:
             position, batch = next(batches)
             batch = batch.to(self.device)
-            if graphs and captured is None:
-                captured, why = graph_step.capture_step(
-                    step_fn, self.student, self.teacher, list(params.values()), optimizer, stage.grad_clip,
-                    cfg.trainer.precision, batch,
-                )
-                if captured is None:
-                    graphs = False
-                    print(f"{name}: runs eagerly: its step could not be captured as a CUDA graph ({why})", flush=True)
-            if captured is not None:
-                # A non-finite step left the weights as they were (the graph skips its optimizer update).
-                result, grad_norm = captured(batch)
-                result, grad_norm = result.to_floats(), float(grad_norm)
-                self._check_finite(name, result)
-                scheduler.step()
-            elif engine is None:
-                optimizer.zero_grad(set_to_none=True)
-                result = step_fn(self.student, self.teacher, batch, cfg.trainer.precision).to_floats()
-                self._check_finite(name, result)
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), stage.grad_clip)
-                optimizer.step()
-                scheduler.step()
-            else:  # this rank's rows; losses and gradients averaged over the ranks
-                result = distributed.forward_backward(
-                    engine, step_fn, self.teacher, batch, cfg.trainer.precision, self.rank, self.world
-                )
-                self._check_finite(name, result)
-                engine.step()
-                grad_norm = engine.get_global_grad_norm()
+            result, grad_norm = engine.step(batch)
             state.step, state.position, state.tokens = state.step + 1, position, state.tokens + batch.numel()
-            if len(first_losses) < 3:
-                first_losses.append(result.loss)
-            last_losses[:] = [*last_losses[-2:], result.loss]  # single batches are noisy: summaries average 3
             tok_s = (state.tokens - tokens0) / (time.perf_counter() - t0)
-            if state.step % cfg.trainer.log_every == 0 or state.step == total:
-                self.metrics.write(
-                    {
-                        "stage": name,
-                        "stage_index": state.stage_index,
-                        "step": state.step,
-                        "tokens": state.tokens,
-                        "loss": result.loss,
-                        "lr": float(scheduler.get_last_lr()[0]),
-                        "grad_norm": float(grad_norm),
-                        "tokens_per_s": tok_s,
-                        "per_layer": result.per_layer,
-                        **result.extra,
-                    }
-                )
+            self._record(name, total, result, grad_norm, engine, tok_s)
             bar.set_postfix(loss=f"{result.loss:.4g}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
-            record["last"] = result.loss
-            record["per_layer"] = result.per_layer
             every = cfg.trainer.checkpoint_every
             stopping = state.step < total and self.stop.pending(self.device)
             checkpoint = f"{name}-step{state.step:06d}"
             if stopping or (every and state.step % every == 0 and state.step < total):
-                self._save(checkpoint, optimizer, scheduler, engine)
+                self._save(checkpoint, engine)
             if stopping:
                 bar.close()
-                if captured is not None:
-                    captured.close()
+                engine.close()
                 raise Stopped(self.stop.signum, f"in {name} at step {state.step} of {total}", checkpoint)
         bar.close()
-        if captured is not None:
-            captured.close()
+        engine.steps_done()
         self.student.eval()
-        if cfg.data.holdout_tokens:  # before the engine goes: under ZeRO-3 its hooks gather the weights
+        if cfg.data.holdout_tokens:  # before the engine closes: under ZeRO-3 its hooks gather the weights
             state.results[name]["ppl"] = self.heldout(self.student)
             self.metrics.write({"event": "heldout", "stage": name, "student": state.results[name]["ppl"]})
         state.results[name]["tokens"] = state.tokens
         state.stage_done = True
-        self._save(f"{name}-done", None, None, engine)
-        if engine is not None:
-            engine.destroy()  # its hooks must not fire in the next stage's engine
+        self._save(f"{name}-done", engine, optimizer=False)
+        engine.close()
+
+    def _engine(self, name: str, stage: StageConfig, total: int) -> step_engine.StepEngine:
+        """The stage's step engine (step_engine.py) over its trainable parameters, the rest of the student frozen;
+        resumed from the checkpoint's optimizer and schedule where the run stopped inside this stage."""
+        params = list(trainable_parameters(self.student, stage.trainable).values())
+        self.student.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        setup = step_engine.StepSetup(
+            name, stage, self.student, self.teacher, params,
+            schedule=lambda s: lr_factor(s, total, stage),
+            precision=self.cfg.trainer.precision,
+            device=self.device,
+            check=lambda result: self._check_finite(name, result),
+        )
+        engine = step_engine.build(setup, self.cfg.trainer)
+        saved = self.payload.get("optimizer") if self.payload is not None else None
+        why = engine.restore(saved, self.checkpoint) if saved else None
+        if why and self.is_main:
+            print(f"{name}: resuming at step {self.state.step} with fresh optimizer moments ({why})", flush=True)
+        return engine
+
+    def _record(self, name: str, total: int, result, grad_norm, engine, tok_s: float) -> None:
+        """A step's losses for the summary (single batches are noisy: it averages the first 3 and the last 3), and
+        its metrics.jsonl row every trainer.log_every steps and at the stage's last."""
+        state, record = self.state, self.state.results[name]
+        if len(record["first"]) < 3:
+            record["first"].append(result.loss)
+        record["recent"] = [*record["recent"][-2:], result.loss]
+        if state.step % self.cfg.trainer.log_every == 0 or state.step == total:
+            self.metrics.write(
+                {
+                    "stage": name,
+                    "stage_index": state.stage_index,
+                    "step": state.step,
+                    "tokens": state.tokens,
+                    "loss": result.loss,
+                    "lr": engine.lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": tok_s,
+                    "per_layer": result.per_layer,
+                    **result.extra,
+                }
+            )
+        record["last"] = result.loss
+        record["per_layer"] = result.per_layer
 
     def _check_finite(self, stage: str, result) -> None:
         bad = [i for i, v in result.per_layer.items() if not math.isfinite(v)]
@@ -377,29 +344,10 @@ class Trainer:
                 f"Lower stages.{stage}.lr or use trainer.precision=fp32"
             )
 
-    def _save(self, name: str, optimizer, scheduler, engine=None) -> None:
-        """A checkpoint. Under DeepSpeed its optimizer moments are DeepSpeed's own files (partitioned over the ranks,
-        in the checkpoint's deepspeed/ folder); the consolidated weights, schedule and data position beside them
-        resume a run on any number of processes."""
-        if optimizer is None:
-            payload = None
-        else:
-            moments = None if self.deepspeed else optimizer.state_dict()
-            payload = {"optimizer": moments, "scheduler": scheduler.state_dict()}
-        keep = self.cfg.trainer.keep_checkpoints
-        if engine is not None:
-            distributed.save(self.run_dir, name, engine, self.student, payload, self.state, keep, self.rank, self.world)
-        else:
-            save_checkpoint(self.run_dir, name, self.student, payload, self.state, keep)
-
-    def _fresh_moments(self, name: str, optimizer, scheduler, saved: dict, why: str) -> None:
-        """Resume a stage from the consolidated checkpoint without its optimizer moments: the schedule goes on where
-        it was, and the fresh optimizer takes the schedule's current learning rate (not the first step's)."""
-        scheduler.load_state_dict(saved["scheduler"])
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
-        if self.is_main:
-            print(f"{name}: resuming at step {self.state.step} with fresh optimizer moments ({why})", flush=True)
+    def _save(self, name: str, engine: step_engine.StepEngine, optimizer: bool = True) -> None:
+        """A checkpoint of the student and run state, written by the stage's engine with its optimizer and schedule
+        (unless `optimizer` is False: at a stage's end the next stage starts its own)."""
+        engine.save(self.run_dir, name, self.state, self.cfg.trainer.keep_checkpoints, optimizer)
 
     def summary(self) -> str:
         """Markdown: per-stage loss (mean of the first 3 steps -> of the last 3), held-out perplexity."""
