@@ -39,6 +39,14 @@ def tiny_phi():
     return load_teacher(teacher_config("tiny-phi"))
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """(source model, path): a tiny random Llama written as a float32 GGUF file (tests/gguf_writer.py)."""
+    from tests.gguf_writer import write_tiny_llama_gguf
+
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
 @pytest.fixture(params=["tiny-llama", "tiny-phi"])
 def tiny_teacher(request, tiny_llama, tiny_phi):
     return {"tiny-llama": tiny_llama, "tiny-phi": tiny_phi}[request.param]

@@ -1,16 +1,22 @@
 """`distill export`: a folder that plain transformers loads where distill is not installed, with the same logits,
-working generate(), and stock lm-eval scoring it."""
+working generate(), and stock lm-eval scoring it; for a random teacher and for one read from a GGUF file (whose
+loading options must not reach the export's config.json)."""
 
+import gzip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import distill
 from distill.cli import main
 from distill.run_folder import load_run
 from tests.test_eval import DATA_DIR
+
+DATA_FILES = Path(distill.__file__).parent / "data_files"
 
 # Loads the export in a fresh interpreter where `import distill` fails, runs it on the saved ids, greedy-generates.
 LOAD_WITHOUT_DISTILL = """
@@ -28,11 +34,22 @@ torch.save({"logits": logits, "generated": generated, "module": type(model).__mo
 """
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
+@pytest.fixture(scope="module", params=["random", "gguf"])
+def exported(request, tmp_path_factory):
+    """(run folder, export) of a tiny run: a random in-memory teacher, or a tiny Llama read from a GGUF file."""
+    root = tmp_path_factory.mktemp(f"export-{request.param}")
     run_dir = root / "run"
-    assert main(["train", "experiment=tiny", f"run_dir={run_dir}", "pipeline=[stage2]", "stages.stage2.tokens=512"]) == 0
+    teacher = []
+    if request.param == "gguf":
+        _, gguf = request.getfixturevalue("tiny_gguf")
+        teacher = ["teacher.name=tiny-gguf", "teacher.source=gguf", f"teacher.path={gguf}"]
+    # The export, not the training, is under test: the first 8 kB of the bundled text (tokenizing all of it takes
+    # seconds), no held-out perplexity.
+    with gzip.open(DATA_FILES / "gutenberg_sample.jsonl.gz", "rt") as f:
+        text = json.loads(f.readline())["text"][:8192]
+    (root / "text.txt").write_text(text)
+    assert main(["train", "experiment=tiny", f"run_dir={run_dir}", "pipeline=[stage2]", "stages.stage2.tokens=512",
+                 f"data.path={root / 'text.txt'}", "data.holdout_tokens=0", *teacher]) == 0
     assert main(["export", f"checkpoint={run_dir}", f"out={root / 'hf'}"]) == 0
     return run_dir, root / "hf"
 
@@ -42,8 +59,13 @@ def test_export_loads_without_distill_and_matches(exported, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_distill.DistillLlamaForCausalLM"
     assert config["attention_layers"] == [1]
+    # Nothing of how the teacher was loaded (a GGUF teacher's quantization_config above all: with it, stock
+    # lm-eval refuses the folder) nor where it came from; the dtype is the student's own.
+    assert not {"quantization_config", "_name_or_path", "_model_name_or_path", "_commit_hash"} & set(config)
+    assert config["dtype"] == "float32"
     student = load_run(run_dir).student
-    ids = torch.randint(0, 257, (2, 70), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
+    vocab = student.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 70), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
     torch.save(ids, tmp_path / "ids.pt")
     subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DISTILL, str(folder), str(tmp_path / "ids.pt"),
                     str(tmp_path / "out.pt")], check=True, cwd=tmp_path)
@@ -69,7 +91,8 @@ def test_stock_lm_eval_scores_the_export(exported):
     from distill.eval.tasks import TASKS_DIR
 
     _, folder = exported
-    manager = TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": str(DATA_DIR)})
+    # Only the twins: indexing lm-eval's own ~15k task files would take most of this test's time.
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(DATA_DIR)})
     results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},trust_remote_code=True",
                                       tasks=["distill_arc_easy"], limit=2, task_manager=manager, batch_size=2,
                                       device="cuda" if torch.cuda.is_available() else "cpu")

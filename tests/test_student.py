@@ -1,9 +1,12 @@
 """Students built from teachers: weight transfer, hybrids, the mixing matrix, save/load."""
 
+import json
+
 import pytest
 import torch
 
-from distill.config import StudentConfig
+from distill.config import StudentConfig, TeacherConfig
+from distill.models.teachers import load_teacher
 from distill.models.transfer import build_student
 
 
@@ -11,8 +14,8 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def random_ids(b=2, L=33):
-    return torch.randint(0, 257, (b, L), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
+def random_ids(b=2, L=33, vocab=257):
+    return torch.randint(0, vocab, (b, L), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
 
 
 @pytest.mark.parametrize("form", ["discrete", "mamba2"])
@@ -90,6 +93,23 @@ def test_save_and_reload_gives_same_logits(tiny_teacher, tmp_path):
     again = type(student).from_pretrained(tmp_path)
     assert again.config.attention_layers == [1] and again.ssd_layers == [0, 2, 3]
     ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, again(ids).logits)
+
+
+def test_student_config_holds_none_of_the_teachers_loading_options(tiny_gguf, tmp_path):
+    """A GGUF teacher's config carries its quantization_config (the file it was read from) and its dtype; the
+    student's must not, or transformers treats the student's saved float weights as a GGUF checkpoint."""
+    teacher = load_teacher(TeacherConfig(name="tiny-gguf", source="gguf", path=str(tiny_gguf[1]), dtype="bfloat16"))
+    assert teacher.config.quantization_config is not None and teacher.config.dtype == torch.bfloat16
+    student = build_student(teacher, StudentConfig(), attention_layers=[1])
+    saved = json.loads(student.config.to_json_string())  # what save_pretrained writes as config.json
+    assert not {"quantization_config", "_model_name_or_path", "_name_or_path"} & set(saved)
+    assert student.config.dtype == torch.float32 and next(student.parameters()).dtype == torch.float32
+    student.save_pretrained(tmp_path)
+    again = type(student).from_pretrained(tmp_path)
+    assert getattr(again, "hf_quantizer", None) is None and again.dtype == torch.float32
+    ids = random_ids(vocab=student.config.vocab_size)
     with torch.no_grad():
         assert torch.equal(student(ids).logits, again(ids).logits)
 

@@ -6,6 +6,7 @@ import torch
 
 from distill.config import ConfigError, TeacherConfig
 from distill.models.teachers import load_teacher
+from tests.gguf_writer import EOS
 
 
 def rel(a, b):
@@ -59,3 +60,20 @@ def test_unsupported_architecture_is_refused():
 def test_missing_gguf_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="is not a file"):
         load_teacher(TeacherConfig(name="x", source="gguf", path=str(tmp_path / "nothing.gguf")))
+
+
+def test_gguf_teacher_is_the_model_written(tiny_gguf):
+    """The test GGUF writer (tests/gguf_writer.py) is faithful: the teacher read back is the model written, Q/K
+    layout included, and its byte-level BPE tokenizer applies the file's merges and round-trips text."""
+    source, path = tiny_gguf
+    teacher = load_teacher(TeacherConfig(name="tiny-gguf", source="gguf", path=str(path)))
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids = torch.randint(0, source.config.vocab_size, (2, 37), generator=generator)
+    with torch.no_grad():
+        assert rel(teacher.logits(ids), source(ids).logits) < 1e-6
+    tok = teacher.tokenizer
+    assert tok.convert_ids_to_tokens(tok(" the cat").input_ids) == ["Ġthe", "Ġ", "c", "a", "t"]
+    text = "naïve café: 3 × 4 = 12\n"
+    assert tok.decode(tok(text).input_ids) == text
+    assert len(tok) == source.config.vocab_size  # no token the model has no embedding for
+    assert tok.eos_token == EOS and tok.eos_token_id == teacher.config.eos_token_id == source.config.vocab_size - 1

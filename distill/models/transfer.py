@@ -13,8 +13,18 @@ from ..config import ConfigError, StudentConfig
 from .student import STUDENT_CLASSES, STUDENT_CONFIGS, MixerSpec, SSDMixer
 from .teachers import Teacher
 
-# Config keys of the teacher that describe the checkpoint, not the architecture.
-_DROP_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
+# Keys of the teacher's config dict that are not its architecture, so not the student's. The student's config is
+# saved in every export, where each of these would mislead transformers when it loads the student:
+_DROP_KEYS = (
+    # The teacher's checkpoint: its classes and code (the student sets its own), the transformers that wrote it,
+    # where it came from (a folder, a hub name and revision, a GGUF file's `general.name`).
+    "model_type", "architectures", "auto_map", "transformers_version",
+    "_name_or_path", "_model_name_or_path", "_commit_hash",
+    # How the teacher was loaded: from a GGUF or otherwise quantised file (kept, it makes from_pretrained treat
+    # the student's plain float weights as quantised: lm-eval refuses to load the export, and save_pretrained to
+    # write the loaded model), and in teacher.dtype (the student is float32 whatever that is; set below).
+    "quantization_config", "dtype", "torch_dtype",
+)
 
 
 def head_dim(config) -> int:
@@ -45,7 +55,9 @@ def build_student(teacher: Teacher, cfg: StudentConfig, attention_layers: list[i
     """A float32 student from `teacher`: every layer outside `attention_layers` becomes an SSD layer."""
     family = teacher.family
     fields = {k: v for k, v in teacher.config.to_dict().items() if k not in _DROP_KEYS}
-    fields.update(ssd_mixer=mixer_spec(teacher, cfg).to_dict(), attention_layers=list(attention_layers))
+    fields.update(
+        ssd_mixer=mixer_spec(teacher, cfg).to_dict(), attention_layers=list(attention_layers), dtype=torch.float32
+    )
     config = STUDENT_CONFIGS[family.name](**fields)
     config._attn_implementation = "sdpa"
     config.use_cache = True  # generate() decodes on the student's DistillCache (constant memory per SSD layer)
