@@ -31,7 +31,7 @@ def test_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "distill", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "train" in out.stdout
     commands = set(build_parser()._subparsers._group_actions[0].choices)
-    assert commands == {"train", "generate", "eval", "export", "inspect", "compare"}  # each is run by a test
+    assert commands == {"train", "generate", "eval", "export", "inspect", "rank", "compare"}  # each is run by a test
 
 
 def test_default_config_is_the_cpu_demo():
