@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -17,10 +18,16 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from . import distributed, graph_step, kernels
-from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (
+    RunState, atomic_write_text, latest_checkpoint, load_checkpoint, resume_point, save_checkpoint, set_rng_state,
+)
 from .stopping import Stopped, StopRequest
-from .config import RESUME_FREE_KEYS, Config, ConfigError, StageConfig, validate, validate_against_teacher
+from .config import (
+    RESUME_FREE_KEYS, Config, ConfigError, StageConfig, device_named, make_folder, read_run_config, validate,
+    validate_against_teacher,
+)
 from .data import PackedData, build_data
+from .metrics_file import read_metrics
 from .models.teachers import Teacher, load_teacher
 from .models.transfer import build_student
 from .stages import stage_step, trainable_parameters
@@ -32,12 +39,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but CUDA is not available: use trainer.device=cpu or auto")
-    return device
+    return device_named(name, "trainer.device")
 
 
 def lr_factor(step: int, total: int, stage: StageConfig) -> float:
@@ -72,7 +74,7 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
     saved_path = run_dir / "config.yaml"
     new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     if saved_path.exists():
-        old = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+        old = _flatten(OmegaConf.to_container(read_run_config(run_dir), resolve=True))
         free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)
         diffs = [k for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
         if diffs:
@@ -84,25 +86,35 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:
+    """config.yaml of a new run folder, written whole or not at all (a killed start leaves no half a config)."""
     if not (run_dir / "config.yaml").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+        make_folder(run_dir, "run_dir")
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 class MetricsLog:
     """metrics.jsonl: appended line by line; on resume, lines past the checkpoint are dropped (they will be redone)."""
 
-    def __init__(self, path: Path, state: RunState | None, writer: bool = True):
+    def __init__(self, path: Path, state: RunState | None, writer: bool = True, pipeline: list[str] | None = None):
         self.path, self.writer = path, writer
         if not writer:  # other ranks of a DeepSpeed run: rank 0 keeps the log
             return
         if state is not None and path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                if "step" not in row or (row["stage_index"], row["step"]) <= (state.stage_index, state.step):
-                    kept.append(line)
-            path.write_text("".join(k + "\n" for k in kept))
+            damaged: list[int] = []
+            rows = read_metrics(path, damaged)
+            if damaged:
+                print(f"distill: {path}: dropped line(s) {damaged[:5]}, which were not JSON (the file was damaged)",
+                      file=sys.stderr, flush=True)
+            def logged_before(row: dict) -> bool:
+                if "step" in row:
+                    return (row.get("stage_index"), row["step"]) <= (state.stage_index, state.step)
+                if "stage" in row and pipeline and row["stage"] in pipeline:  # a stage's held-out perplexity
+                    done = pipeline.index(row["stage"])
+                    return done < state.stage_index or (done == state.stage_index and state.stage_done)
+                return True
+
+            kept = [row for row in rows if logged_before(row)]
+            path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         elif path.exists() and state is None:
             path.unlink()
 
@@ -163,7 +175,12 @@ class Trainer:
         self.student.to(self.device)
         self.data: PackedData = build_data(cfg.data, self.teacher.tokenizer)
 
-        checkpoint = self.checkpoint = latest_checkpoint(self.run_dir)
+        # The newest intact checkpoint (rank 0 verifies it; all ranks go on from its choice), past damaged ones.
+        checkpoint, passed = distributed.on_main(self.is_main, lambda: resume_point(self.run_dir))
+        self.checkpoint = checkpoint
+        if passed and self.is_main:
+            print(f"distill: resuming from {checkpoint.name}, the newest intact checkpoint, passing over damaged "
+                  f"{'; '.join(passed)}", file=sys.stderr, flush=True)
         self.state, self.payload = RunState(), None
         if checkpoint is not None:
             self.state, self.payload = load_checkpoint(checkpoint, self.student)
@@ -171,7 +188,9 @@ class Trainer:
         if self.is_main:
             save_config(self.run_dir, cfg)
         distributed.barrier()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state if checkpoint else None, self.is_main)
+        self.metrics = MetricsLog(
+            self.run_dir / "metrics.jsonl", self.state if checkpoint else None, self.is_main, list(cfg.pipeline)
+        )
         self.stop = StopRequest()  # SIGTERM / SIGINT: stop after the current step with a checkpoint (stopping.py)
 
     def heldout(self, model) -> float:
