@@ -290,6 +290,8 @@ def validate(cfg: Config) -> None:
     for key in ("holdout_batches", "batch_size", "seq_len"):
         if getattr(cfg.eval, key) <= 0:
             raise ConfigError(f"eval.{key}={getattr(cfg.eval, key)} must be positive")
+    for key, seed in (("trainer.seed", t.seed), ("data.seed", cfg.data.seed), ("teacher.seed", cfg.teacher.seed)):
+        check_seed(seed, key)
     if cfg.data.holdout_tokens < 0:
         raise ConfigError(f"data.holdout_tokens={cfg.data.holdout_tokens} must be >= 0 (0: no held-out perplexity)")
     if not cfg.data.path.strip():
@@ -300,6 +302,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"kernels={cfg.kernels!r}: use auto, torch or triton")
     if cfg.teacher.source not in ("hub", "gguf", "pypi_gguf", "random"):
         raise ConfigError(f"teacher.source={cfg.teacher.source!r}: use hub, gguf, pypi_gguf or random")
+
+
+SEED_LIMIT = 2**32  # seeds are mixed with indices (seed * 1_000_003 + i) into torch's 64-bit seeds
+
+
+def check_seed(seed: int, key: str) -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{key}={seed}: give a seed from 0 to {SEED_LIMIT - 1}")
 
 
 def validate_against_teacher(cfg: Config, num_layers: int, max_positions: int) -> list[int]:

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, GenerateCommandConfig, check_output_folder, device_named, make_folder
+from .config import (
+    ConfigError, GenerateCommandConfig, check_output_folder, check_seed, device_named, make_folder,
+)
 from .models.teachers import Teacher, load_teacher
 from .models.teachers.decode import FAST_MODEL_TYPES, StaticDecoder, sample
 
@@ -47,6 +49,7 @@ def validate_generate(cfg: GenerateCommandConfig) -> None:
         raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]")
     if cfg.precision not in ("bf16", "fp32"):
         raise ConfigError(f"precision={cfg.precision!r}: use bf16 or fp32")
+    check_seed(cfg.seed, "seed")
     check_output_folder(cfg.out, "out")
 
 

@@ -19,12 +19,13 @@ from tqdm.auto import tqdm
 
 from . import distributed, graph_step, kernels
 from .checkpoint import (
-    RunState, atomic_write_text, latest_checkpoint, load_checkpoint, resume_point, save_checkpoint, set_rng_state,
+    RunState, atomic_write_text, latest_checkpoint, load_checkpoint, point_latest, resume_point, save_checkpoint,
+    set_rng_state,
 )
 from .stopping import Stopped, StopRequest
 from .config import (
-    RESUME_FREE_KEYS, Config, ConfigError, StageConfig, device_named, make_folder, read_run_config, validate,
-    validate_against_teacher,
+    RESUME_FREE_KEYS, Config, ConfigError, StageConfig, check_output_folder, device_named, make_folder,
+    read_run_config, validate, validate_against_teacher,
 )
 from .data import PackedData, build_data
 from .metrics_file import read_metrics
@@ -163,6 +164,7 @@ class Trainer:
             self.rank, self.world = 0, 1
         self.is_main = self.rank == 0
         check_resume_config(self.run_dir, cfg)
+        check_output_folder(str(self.run_dir / "checkpoints"), "run_dir's checkpoints")
         torch.manual_seed(cfg.trainer.seed)
 
         with distributed.main_process_first(self.is_main):  # a teacher download lands in the cache once
@@ -181,6 +183,7 @@ class Trainer:
         if passed and self.is_main:
             print(f"distill: resuming from {checkpoint.name}, the newest intact checkpoint, passing over damaged "
                   f"{'; '.join(passed)}", file=sys.stderr, flush=True)
+            point_latest(checkpoint.parent, checkpoint.name, keep=0)  # `latest` names what the run goes on from
         self.state, self.payload = RunState(), None
         if checkpoint is not None:
             self.state, self.payload = load_checkpoint(checkpoint, self.student)

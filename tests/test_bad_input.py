@@ -341,11 +341,22 @@ def test_bad_data_paths_and_columns(tmp_path, capsys):
         (["stages.stage1.foo=1"], "Could not override 'stages.stage1.foo': Key 'foo' not in 'StageConfig'"),
         (["teacher=nope"], "Could not find 'teacher/nope'; options: llama-3.2-1b, phi-1_5, smollm2"),
         (["pipeline=stage1"], "Give a list: KEY=[a,b]"),
+        (["trainer.seed=100000000000000000000"], "trainer.seed=100000000000000000000: give a seed from 0 to"),
+        (["data.seed=-1"], "data.seed=-1: give a seed from 0 to 4294967295"),
+        (["teacher.architecture.hidden_size=-4"], "teacher.architecture.hidden_size=-4 must be positive"),
+        (["teacher.architecture.num_attention_heads=3"], "teacher.architecture does not make a llama model ("),
+        (["teacher.source=hub", "teacher.path=NOCONFIG"], "teacher.path='NOCONFIG' is a folder without config.json"),
+        (["teacher.source=gguf", "teacher.path=NOCONFIG/notes.txt"], "is not a GGUF file"),
     ],
 )
 def test_a_bad_number_or_name_in_the_config(tmp_path, capsys, overrides, message):
-    refused(capsys, ["train", *TINY, f"run_dir={tmp_path}", *overrides], message)
-    assert not (tmp_path / "config.yaml").exists()
+    folder = tmp_path / "folder"  # a folder that is not a model: no config.json
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a model")
+    overrides = [o.replace("NOCONFIG", str(folder)) for o in overrides]
+    message = message.replace("NOCONFIG", str(folder))
+    refused(capsys, ["train", *TINY, f"run_dir={tmp_path / 'run'}", *overrides], message)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -367,6 +378,7 @@ def test_a_bad_number_or_name_in_the_config(tmp_path, capsys, overrides, message
         (["eval", "checkpoint=RUN", "precision=fp16"], "precision='fp16': use bf16 or fp32"),
         (["eval", "checkpoint=RUN", "device=tpu9", "tasks=[distill_arc_easy]", "data_dir=DATA"],
          "device='tpu9' is not a device"),
+        (["generate", "teacher=tiny-llama", "tokens=10", "out=OUT", "seed=-3"], "seed=-3: give a seed from 0 to"),
     ],
 )
 def test_a_bad_option_of_the_other_commands(run, tmp_path, capsys, argv, message):
@@ -406,6 +418,18 @@ def test_metrics_cut_short_by_a_kill_and_damaged_in_the_middle(run, tmp_path, ca
     assert main(["train", *RUN_ARGS, f"run_dir={run}"]) == 0
     assert "metrics.jsonl: dropped line(s) [4]" in capsys.readouterr().err
     assert metrics.read_text().splitlines() == lines
+
+
+def test_a_damaged_export_given_to_eval(run, tmp_path, capsys):
+    export = tmp_path / "hf"
+    assert main(["export", f"checkpoint={run}", f"out={export}"]) == 0
+    truncate(export / "model.safetensors", 500)
+    data = tmp_path / "data"
+    for name in REQUIRED_FILES["distill_arc_easy"]:
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_text("{}")
+    refused(capsys, ["eval", f"checkpoint={export}", "with_teacher=false", "tasks=[distill_arc_easy]",
+                     f"data_dir={data}"], "is an export that cannot be loaded", "export it again")
 
 
 def test_damaged_eval_results_and_generate_progress(run, tmp_path, capsys):

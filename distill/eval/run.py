@@ -66,11 +66,18 @@ def _models(cfg: EvalCommandConfig) -> tuple[dict, object, Path]:
     if (path / "config.json").exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from safetensors import SafetensorError
+
         models = {}
         if cfg.with_teacher:
             models["teacher"] = load_teacher(cfg.teacher).model
-        models["student"] = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            models["student"] = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, SafetensorError) as err:  # a damaged or partly copied export
+            said = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"checkpoint={cfg.checkpoint!r} is an export that cannot be loaded ({said}): export "
+                              "it again (`distill export`)") from None
         return models, tokenizer, Path(cfg.out or path / "eval" / "results")
     raise AssertionError("validate_eval lets only a run folder or an export through")
 
