@@ -23,8 +23,9 @@ GROUPS_HELP = """configuration groups (pick one with GROUP=NAME):
 
 most used overrides:
   run_dir=runs/NAME                   where config, metrics.jsonl, checkpoints and summary.md go; the same
-                                      command on the same run_dir resumes it. SIGTERM or Ctrl-C stops a run
-                                      after its current step with a checkpoint (exit 128 + the signal's number)
+                                      command on the same run_dir resumes it (from its newest intact
+                                      checkpoint). SIGTERM or Ctrl-C stops a run after its current step with a
+                                      checkpoint (exit 128 + the signal's number)
   student.attention_layers=[3,9,15]   keep these teacher layers as attention (a hybrid)
   student.ssd_layers=[6,13]           or convert exactly these layers
   pipeline=[stage2,stage3]            which stages to run, in order

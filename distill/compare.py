@@ -49,6 +49,8 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunRecord:
     if results.is_file():
         try:
             column = json.loads(results.read_text()).get("student", {})
+            if not isinstance(column, dict):
+                raise ValueError("no student column")
         except (ValueError, AttributeError):
             raise ConfigError(
                 f"{results} is damaged (not the JSON `distill eval` writes): run `distill eval` on {run_dir} again, "

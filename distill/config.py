@@ -267,9 +267,9 @@ def validate(cfg: Config) -> None:
         for key in ("tokens", "batch_size", "seq_len"):
             if getattr(st, key) <= 0:
                 raise ConfigError(f"stages.{name}.{key} must be positive")
-        # A NaN compares false with everything: `not x >= 0` refuses it too.
-        if not st.lr >= 0 or not st.weight_decay >= 0 or not st.ce_weight >= 0:
-            raise ConfigError(f"stages.{name}.lr, weight_decay and ce_weight must be >= 0 (and numbers)")
+        for key in ("lr", "weight_decay", "ce_weight"):
+            if not getattr(st, key) >= 0:  # a NaN compares false with everything: refused too
+                raise ConfigError(f"stages.{name}.{key}={getattr(st, key)} must be a number >= 0")
         for key in ("warmup_fraction", "min_lr_ratio"):
             if not 0 <= getattr(st, key) <= 1:
                 raise ConfigError(f"stages.{name}.{key}={getattr(st, key)} must be between 0 and 1")

@@ -317,10 +317,10 @@ def test_bad_data_paths_and_columns(tmp_path, capsys):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["stages.stage1.lr=-1"], "stages.stage1.lr, weight_decay and ce_weight must be >= 0"),
-        (["stages.stage1.lr=nan"], "stages.stage1.lr, weight_decay and ce_weight must be >= 0"),
-        (["stages.stage1.weight_decay=-0.1"], "must be >= 0"),
-        (["stages.stage3.ce_weight=-1"], "must be >= 0"),
+        (["stages.stage1.lr=-1"], "stages.stage1.lr=-1.0 must be a number >= 0"),
+        (["stages.stage1.lr=nan"], "stages.stage1.lr=nan must be a number >= 0"),
+        (["stages.stage1.weight_decay=-0.1"], "stages.stage1.weight_decay=-0.1 must be a number >= 0"),
+        (["stages.stage3.ce_weight=-1"], "stages.stage3.ce_weight=-1.0 must be a number >= 0"),
         (["stages.stage1.warmup_fraction=1.5"], "stages.stage1.warmup_fraction=1.5 must be between 0 and 1"),
         (["stages.stage1.min_lr_ratio=-1"], "stages.stage1.min_lr_ratio=-1.0 must be between 0 and 1"),
         (["stages.stage1.grad_clip=0"], "stages.stage1.grad_clip=0.0 must be positive (inf: no clipping)"),
@@ -347,6 +347,7 @@ def test_bad_data_paths_and_columns(tmp_path, capsys):
         (["teacher.architecture.num_attention_heads=3"], "teacher.architecture does not make a llama model ("),
         (["teacher.source=hub", "teacher.path=NOCONFIG"], "teacher.path='NOCONFIG' is a folder without config.json"),
         (["teacher.source=gguf", "teacher.path=NOCONFIG/notes.txt"], "is not a GGUF file"),
+        (["teacher.source=hub", "teacher.path=NOCONFIG/none"], "teacher.path='NOCONFIG/none' does not exist"),
     ],
 )
 def test_a_bad_number_or_name_in_the_config(tmp_path, capsys, overrides, message):
@@ -442,3 +443,19 @@ def test_damaged_eval_results_and_generate_progress(run, tmp_path, capsys):
     (gen / "progress.json").write_text('{"settings": {"pro')
     refused(capsys, ["generate", "teacher=tiny-llama", "tokens=10", f"out={gen}"], "progress.json is damaged",
             "delete it and run again")
+
+
+def test_generate_rewrites_a_missing_shard_where_it_was(tmp_path):
+    """A shard lost from the middle of a generate folder (a partial copy) is written again at its own index, as
+    the uninterrupted run wrote it, not in a later one's place."""
+    out = tmp_path / "gen"
+    args = ["generate", "teacher=tiny-llama", f"out={out}", "tokens=40", "batch_size=2", "new_tokens=8",
+            "prompt_tokens=8", "progress=false", "device=cpu"]
+    assert main(args) == 0
+    written = {p.name: gzip.decompress(p.read_bytes()) for p in sorted(out.glob("shard-*.jsonl.gz"))}
+    assert len(written) >= 3
+    (out / "shard-00001.jsonl.gz").unlink()
+    assert main(args) == 0
+    again = {p.name: gzip.decompress(p.read_bytes()) for p in sorted(out.glob("shard-*.jsonl.gz"))}
+    assert again == written
+    assert [s["file"] for s in json.loads((out / "progress.json").read_text())["shards"]] == list(written)

@@ -102,6 +102,8 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         local = Path(folder).expanduser()
         if not folder.strip():
             raise ConfigError("teacher.path is empty: give a hub name or a model folder (with config.json)")
+        if folder.startswith((".", "/", "~")) and not local.exists():
+            raise ConfigError(f"teacher.path={folder!r} does not exist: give a model folder or a hub name")
         if local.is_dir() and not (local / "config.json").is_file():
             raise ConfigError(f"teacher.path={folder!r} is a folder without config.json: give a Hugging Face model "
                               "folder or a hub name")
