@@ -74,7 +74,7 @@ def override_error(err: Exception, command: str = "COMMAND") -> str:
         message += " Give a list: KEY=[a,b]"
     if message.startswith("Ambiguous value"):  # a value with commas: Hydra reads a sweep
         message += "; quote a value that holds commas, e.g. \"data.path='a.jsonl,b.jsonl'\""
-    elif "could not be converted to Integer" in cause and "." in cause.split("'")[1]:
+    elif "could not be converted to Integer" in cause and re.search(r"Value '[-+\d]*\.", cause):
         message += " (write whole numbers out: 1000000, not 1e6)"
     if len(lines) > 1 and lines[1].startswith("Available options in"):  # an unknown GROUP=NAME
         options = [line for line in lines[2:] if not line.startswith(("Config search path", "provider="))]

@@ -374,7 +374,8 @@ def device_named(name: str, key: str = "device"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}={name} but CUDA is not available: use {key}=cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"{key}={name} but this machine has {torch.cuda.device_count()} GPU(s): use cuda:0..")
+        count = torch.cuda.device_count()
+        raise ConfigError(f"{key}={name} but this machine has {count} GPU(s): use cuda:0 to cuda:{count - 1}")
     return device
 
 

@@ -106,18 +106,21 @@ class MetricsLog:
             if damaged:
                 print(f"distill: {path}: dropped line(s) {damaged[:5]}, which were not JSON (the file was damaged)",
                       file=sys.stderr, flush=True)
-            def logged_before(row: dict) -> bool:
-                if "step" in row:
-                    return (row.get("stage_index"), row["step"]) <= (state.stage_index, state.step)
-                if "stage" in row and pipeline and row["stage"] in pipeline:  # a stage's held-out perplexity
-                    done = pipeline.index(row["stage"])
-                    return done < state.stage_index or (done == state.stage_index and state.stage_done)
-                return True
-
-            kept = [row for row in rows if logged_before(row)]
+            kept = [row for row in rows if self._logged_by(row, state, pipeline or [])]
             path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         elif path.exists() and state is None:
             path.unlink()
+
+    @staticmethod
+    def _logged_by(row: dict, state: RunState, pipeline: list[str]) -> bool:
+        """Whether `row` was logged before checkpoint `state` was written: a step up to its step, a stage's
+        held-out perplexity once that stage is done (a resume from inside it logs it again)."""
+        if "step" in row:
+            return (row.get("stage_index"), row["step"]) <= (state.stage_index, state.step)
+        if row.get("stage") in pipeline:
+            index = pipeline.index(row["stage"])
+            return index < state.stage_index or (index == state.stage_index and state.stage_done)
+        return True
 
     def write(self, row: dict) -> None:
         if not self.writer:
