@@ -10,7 +10,7 @@ The last file written into the temporary folder is `manifest.json`: the size and
 flushed to disk as it is hashed. A checkpoint damaged afterwards (a partial copy, a full or failing disk) is found
 by `damage` before anything is loaded: a resume goes on from the newest intact checkpoint and says which it passed
 over (`resume_point`), and the commands that read a run (export, eval, inspect) name the damaged file
-(`readable_checkpoint`). Pruning keeps the newest intact checkpoints and never deletes one it cannot vouch for.
+(`readable_checkpoint`). Pruning counts only intact checkpoints, so it never deletes the one a resume falls back to.
 Checkpoints written before manifests existed are checked by their structure instead (the safetensors header against
 the file's size, trainer.pt's zip directory, state.json's JSON), which finds a truncated file but not a changed one.
 """
@@ -160,16 +160,19 @@ def point_latest(root: Path, name: str, keep: int) -> None:
     and the newest `keep` - 1 intact ones before it remain (keep=0: none is removed).
 
     Only checkpoints that pass the cheap check (sizes against their manifest, or a legacy checkpoint's structure)
-    count and are ever removed: a damaged one is left for a resume to report, and never pushes out the intact
-    checkpoint a resume would fall back to. Checkpoints ahead of `name` are ones a resume passed over as damaged:
-    the run rewrites them by name as it gets there."""
+    count: a damaged one never pushes out the intact checkpoint a resume would fall back to. What lies behind the
+    oldest one kept goes, damaged or not (no resume reaches it, and a prune killed half-way leaves such remains);
+    a damaged one between the kept ones stays for a resume to report. Checkpoints ahead of `name` are ones a
+    resume passed over as damaged: the run rewrites them by name as it gets there."""
     atomic_write_text(root / LATEST, name)
     if keep > 0:
         current = _progress(root / name)
-        older = [c for c in checkpoints(root) if c.name != name and _progress(c) < current]
-        intact = [c for c in older if damage(c, check_hashes=False) is None]
-        for old in intact[keep - 1:]:
-            shutil.rmtree(old, ignore_errors=True)
+        older = [c for c in checkpoints(root) if c.name != name and _progress(c) < current]  # newest first
+        kept = [c for c in older if damage(c, check_hashes=False) is None][: keep - 1]
+        floor = _progress(kept[-1]) if kept else current
+        for old in older:
+            if _progress(old) < floor:
+                shutil.rmtree(old, ignore_errors=True)
     for leftover in root.glob(".tmp-*"):  # from a crash in an earlier run
         shutil.rmtree(leftover, ignore_errors=True)
 
