@@ -7,6 +7,7 @@ runs. Errors in the input end the program with one line that says what to change
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 GROUPS_HELP = """configuration groups (pick one with GROUP=NAME):
@@ -22,8 +23,9 @@ GROUPS_HELP = """configuration groups (pick one with GROUP=NAME):
 
 most used overrides:
   run_dir=runs/NAME                   where config, metrics.jsonl, checkpoints and summary.md go; the same
-                                      command on the same run_dir resumes it. SIGTERM or Ctrl-C stops a run
-                                      after its current step with a checkpoint (exit 128 + the signal's number)
+                                      command on the same run_dir resumes it (from its newest intact
+                                      checkpoint). SIGTERM or Ctrl-C stops a run after its current step with a
+                                      checkpoint (exit 128 + the signal's number)
   student.attention_layers=[3,9,15]   keep these teacher layers as attention (a hybrid)
   student.ssd_layers=[6,13]           or convert exactly these layers
   student.init_from=runs/pure         start from another run's trained SSD layers (e.g. a hybrid's stage 3
@@ -49,11 +51,37 @@ def compose(overrides: list[str], config_name: str = "config"):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .config import config_dir
+    from .config import ConfigError, config_dir
 
-    with initialize_config_dir(config_dir=str(config_dir().resolve()), version_base="1.3"):
-        cfg = hydra_compose(config_name, overrides=overrides)
-    return OmegaConf.to_object(cfg)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir().resolve()), version_base="1.3"):
+            cfg = hydra_compose(config_name, overrides=overrides)
+        return OmegaConf.to_object(cfg)
+    except Exception as err:  # whatever Hydra or OmegaConf raise here comes from the overrides given
+        raise ConfigError(override_error(err, {"config": "train"}.get(config_name, config_name))) from err
+
+
+def override_error(err: Exception, command: str = "COMMAND") -> str:
+    """One line from Hydra's and OmegaConf's messages, which spread the reason over several lines or keep it in
+    the exception's cause: what was refused, why, and the fix where there is a usual one."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = lines[0].rstrip(".") if lines else type(err).__name__
+    cause = str(err.__cause__).splitlines()[0] if err.__cause__ is not None and str(err.__cause__) else ""
+    if cause and cause not in message:
+        message += f": {cause}"
+    missing = re.search(r"missing mandatory value: (\S+)", message)
+    if missing:
+        return f"{missing.group(1)}= is required: `distill {command} --help` lists the overrides"
+    if "is not a ListConfig" in message:
+        message += " Give a list: KEY=[a,b]"
+    if message.startswith("Ambiguous value"):  # a value with commas: Hydra reads a sweep
+        message += "; quote a value that holds commas, e.g. \"data.path='a.jsonl,b.jsonl'\""
+    elif "could not be converted to Integer" in cause and re.search(r"Value '[-+\d]*\.", cause):
+        message += " (write whole numbers out: 1000000, not 1e6)"
+    if len(lines) > 1 and lines[1].startswith("Available options in"):  # an unknown GROUP=NAME
+        options = [line for line in lines[2:] if not line.startswith(("Config search path", "provider="))]
+        message += f"; options: {', '.join(options)}"
+    return message
 
 
 def cmd_train(args) -> int:
@@ -64,7 +92,7 @@ def cmd_train(args) -> int:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return 0
     from .stopping import Stopped
-    from .trainer import Trainer
+    from .trainer import NonFiniteLoss, Trainer
 
     trainer = Trainer(cfg)
     try:
@@ -72,6 +100,10 @@ def cmd_train(args) -> int:
     except Stopped as stop:
         print(f"distill: {stop} (run folder {trainer.run_dir})", file=sys.stderr)
         return stop.exit_code
+    except NonFiniteLoss as err:  # every rank of a DeepSpeed run sees it (the loss is all-reduced); one says it
+        if trainer.is_main:
+            print(f"distill: error: {err}", file=sys.stderr)
+        return 1
     print(f"\nrun folder: {trainer.run_dir}\n")
     print(trainer.summary())
     return 0
@@ -152,7 +184,7 @@ data.token_field=input_ids.
 
 
 INSPECT_HELP = """overrides:
-  checkpoint=RUN_DIR   a `distill train` run folder (required)
+  checkpoint=RUN_DIR   a `distill train` run folder (required); RUN_DIR/checkpoints/NAME for that checkpoint
   out=DIR              where to write (default: RUN_DIR/inspect)
   layers=[6,13] heads=[0,1] batches=2 keep=3 device=cpu
 
@@ -189,7 +221,8 @@ error and wikitext perplexity where `distill eval` wrote RUN/eval/results.json).
 
 
 EVAL_HELP = """overrides:
-  checkpoint=RUN_DIR        a `distill train` run folder: its student, beside its teacher (with_teacher=false: alone)
+  checkpoint=RUN_DIR        a `distill train` run folder: its student, beside its teacher (with_teacher=false: alone);
+                            RUN_DIR/checkpoints/NAME: that checkpoint's (results in RUN_DIR/eval/results-NAME)
   checkpoint=EXPORT_DIR     an exported folder (loaded with trust_remote_code), beside teacher=NAME
   (no checkpoint)           the teacher group's model alone, e.g. teacher=smollm2
   tasks=[distill_offline]   offline twins (distill_lambada_openai, distill_hellaswag, distill_piqa, distill_arc_easy,
@@ -239,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         "write a run's student as a Hugging Face folder (remote code) that transformers and lm-eval load",
         "Export the student at the run's latest checkpoint: config.json with auto_map, safetensors, tokenizer, "
         "and the student's modeling and kernel files.",
-        "overrides:\n  checkpoint=RUN_DIR out=DIR\n",
+        "overrides:\n  checkpoint=RUN_DIR out=DIR     RUN_DIR/checkpoints/NAME for that checkpoint; DIR must be new, "
+        "empty,\n                               or an earlier export (replaced)\n",
     ).add_argument("overrides", nargs="*", help="Hydra overrides, KEY=VALUE")
     command(
         "inspect", cmd_inspect,
@@ -279,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         # Hydra's own errors (unknown group option, bad override syntax, missing key) are input errors too.
         if type(err).__module__.startswith(("hydra", "omegaconf")):
-            print(f"distill: error: {str(err).splitlines()[0]}", file=sys.stderr)
+            print(f"distill: error: {override_error(err)}", file=sys.stderr)
             return 2
         raise
 

