@@ -259,11 +259,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"student.form={s.form!r}: use discrete (Phi-Mamba) or mamba2")
     if s.init not in ("transfer", "random"):
         raise ConfigError(f"student.init={s.init!r}: use transfer or random")
-    if s.chunk_size < 1:
-        raise ConfigError(
-            f"student.chunk_size={s.chunk_size}: use a positive integer (the kernels round it to a power of two in "
-            "16..128, at most 64 in float32)"
-        )
     if s.ssd_layers is not None and s.attention_layers:
         raise ConfigError("give student.attention_layers or student.ssd_layers, not both")
     if s.conv_activation not in (None, "identity", "silu"):

@@ -21,7 +21,12 @@ from distill.cli import compose
 from distill.config import TeacherConfig, config_dir  # noqa: E402
 from distill.models.teachers import load_teacher  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`-n N`, the README's test command) each worker takes its share of the cores: OpenMP threads
+# beyond the cores spin at their barriers, which made a 2-core run several times slower, not faster.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the subprocesses tests launch, likewise
 
 
 def teacher_config(name: str) -> TeacherConfig:
