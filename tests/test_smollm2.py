@@ -11,7 +11,8 @@ from distill.config import ConfigError
 from tests.conftest import teacher_config
 from tests.test_teachers import eager_reference, rel
 
-pytestmark = pytest.mark.slow
+# One xdist worker loads the teacher for the whole file (`--dist loadgroup`).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 
 
 @pytest.fixture(scope="module")

@@ -77,3 +77,31 @@ def test_gguf_teacher_is_the_model_written(tiny_gguf):
     assert tok.decode(tok(text).input_ids) == text
     assert len(tok) == source.config.vocab_size  # no token the model has no embedding for
     assert tok.eos_token == EOS and tok.eos_token_id == teacher.config.eos_token_id == source.config.vocab_size - 1
+
+
+def test_a_gguf_teacher_is_parsed_once_and_loads_as_parsed_anew(tiny_gguf, monkeypatch):
+    """load_teacher parses a GGUF file once for config, tokenizer and weights (transformers alone parses it four
+    times: ~50 s for SmolLM2 on 2 cores); the teacher is the one loaded without the sharing, and gguf's own reader
+    is back in place afterwards."""
+    import contextlib
+
+    import gguf
+
+    from distill.models.teachers import sources
+
+    _, path = tiny_gguf
+    cfg = TeacherConfig(name="tiny-gguf", source="gguf", path=str(path))
+    original = gguf.GGUFReader
+    parses = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a[0]) or original(*a, **k))
+    shared = load_teacher(cfg)
+    assert len(parses) == 1
+    monkeypatch.setattr(sources, "parse_gguf_once", contextlib.nullcontext)
+    anew = load_teacher(cfg)
+    assert len(parses) > 2  # what the sharing saves: transformers' own parses
+    assert shared.config.to_dict() == anew.config.to_dict()
+    a, b = shared.model.state_dict(), anew.model.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    text = "naïve café: 3 × 4 = 12\n"
+    assert shared.tokenizer(text).input_ids == anew.tokenizer(text).input_ids
+    assert gguf.GGUFReader.__name__ == "<lambda>"  # the block put back what it found

