@@ -11,7 +11,8 @@ Both through `generate()` (greedy, bf16, `min_new_tokens` = `max_new_tokens` so 
             with `distill export` and loaded back with `trust_remote_code`, decoding on its recurrent cache and the
             Triton decode step, eagerly and with `enable_cuda_graph_decode()` (weights untrained: speed does not
             depend on them). `--attention` adds hybrids (semicolon-separated lists of the layers each keeps as
-            attention; their KV caches grow with the prompt, and they decode eagerly): the attention-budget curve.
+            attention; their KV caches grow with the prompt), eagerly and with CUDA graphs (static KV buffers):
+            the attention-budget curve.
 Time: wall clock of `generate()` with N new tokens minus that with 1 new token (the prefill), so tokens/s is the
 decode rate; peak memory is torch.cuda.max_memory_allocated over the whole call. Runs that do not fit are reported as
 out of memory.
@@ -139,7 +140,11 @@ def main() -> None:
             rows.append((prompt, batch, "student, CUDA-graph steps",
                          measure(exported, batch, prompt, args.student_new_tokens, vocab)))
             for layers, hybrid in hybrid_models:
-                rows.append((prompt, batch, f"hybrid, attention at {layers}",
+                hybrid.enable_cuda_graph_decode(False)
+                rows.append((prompt, batch, f"hybrid, attention at {layers}, eager steps",
+                             measure(hybrid, batch, prompt, args.student_new_tokens, vocab)))
+                hybrid.enable_cuda_graph_decode(True)
+                rows.append((prompt, batch, f"hybrid, attention at {layers}, CUDA-graph steps",
                              measure(hybrid, batch, prompt, args.student_new_tokens, vocab)))
             for row in rows[first:]:
                 print(row, flush=True)

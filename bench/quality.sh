@@ -8,6 +8,12 @@
 # Rows: pure_discrete pure_mamba2 hybrid_data hybrid_even abl_123 abl_23 abl_3 abl_123_real (default: all, in that
 # order; abl_123_real is abl_123 on the real text alone, the data-mix comparison). The first four also at issue 6's
 # ten-minute budget (experiment=gpu_smollm2_10min): pure_discrete_10min, ..., hybrid_even_10min (not in the default).
+# Recipe rows (issue 18, section 3; not in the default), each one change to the pure discrete student at its budget.
+# recipe_s12 runs stages 1-2 alone (not evaluated); then stage 3 from its layers (student.init_from): recipe_base
+# (today's recipe), recipe_reverse_kl, recipe_jsd (divergence), recipe_mlp_frozen (stage 3 trains the mixers alone),
+# recipe_ce (+ next-token cross-entropy, weight 0.5), recipe_lr2x (stage 3 at twice the learning rate); whole
+# pipelines: recipe_b_per_head (one B per head), recipe_mohawk_shares (MOHAWK's 3% / 5% / 92% of the same total
+# tokens). Each with _10min too (recipe_s12_10min first), e.g. `bash bench/quality.sh recipe_s12 recipe_base recipe_jsd`.
 # Without TEACHER_GGUF the teacher comes from conf/teacher/smollm2.yaml (PyPI). A row whose run folder is finished is
 # trained no further (distill train resumes a folder and stops at once when its stages are done) and evaluated again
 # only if it has no eval/results.json. TRAIN_OVERRIDES adds overrides to every row's `distill train` (e.g.
@@ -49,7 +55,15 @@ stop_if_signalled() {  # after a command that a signal stopped: stop here too, w
 }
 
 overrides() {  # a row's preset and overrides
-  if [[ $1 == *_10min ]]; then overrides "${1%_10min}" | sed 's/experiment=gpu_smollm2 /experiment=gpu_smollm2_10min /; s/experiment=gpu_smollm2$/experiment=gpu_smollm2_10min/'; return; fi
+  if [ "$1" = recipe_mohawk_shares_10min ]; then  # 61 + 102 + 1885 steps: the 2048 of gpu_smollm2_10min
+    echo "experiment=gpu_smollm2_10min stages.stage1.tokens=1998848 stages.stage2.tokens=3342336 stages.stage3.tokens=61767680"
+    return
+  fi
+  if [[ $1 == *_10min ]]; then
+    overrides "${1%_10min}" | sed 's/experiment=gpu_smollm2 /experiment=gpu_smollm2_10min /; s/experiment=gpu_smollm2$/experiment=gpu_smollm2_10min/; s|/recipe_s12 |/recipe_s12_10min |'
+    return
+  fi
+  local stage3="experiment=gpu_smollm2 pipeline=[stage3] student.init_from=$RUNS/recipe_s12 "
   case $1 in
     pure_discrete) echo "experiment=gpu_smollm2" ;;
     pure_mamba2) echo "experiment=gpu_smollm2 student=mamba2" ;;
@@ -57,6 +71,16 @@ overrides() {  # a row's preset and overrides
     hybrid_even) echo "experiment=gpu_smollm2 student.attention_layers=[5,15,25]" ;;
     abl_123 | abl_23 | abl_3) echo "experiment=ablation_${1#abl_}" ;;
     abl_123_real) echo "experiment=ablation_123 data.mix_fraction=0" ;;
+    recipe_s12) echo "experiment=gpu_smollm2 pipeline=[stage1,stage2]" ;;
+    recipe_base) echo "$stage3" ;;
+    recipe_reverse_kl) echo "${stage3}stages.stage3.divergence=reverse_kl" ;;
+    recipe_jsd) echo "${stage3}stages.stage3.divergence=jsd" ;;
+    recipe_mlp_frozen) echo "${stage3}stages.stage3.trainable=mixers" ;;
+    recipe_ce) echo "${stage3}stages.stage3.ce_weight=0.5" ;;
+    recipe_lr2x) echo "${stage3}stages.stage3.lr=6.0e-4" ;;
+    recipe_b_per_head) echo "experiment=gpu_smollm2 student.b_per_head=true" ;;
+    # 19 + 32 + 589 steps of 16 x 2048: the preset's 640 steps in all, shared 3% / 5% / 92%
+    recipe_mohawk_shares) echo "experiment=gpu_smollm2 stages.stage1.tokens=622592 stages.stage2.tokens=1048576 stages.stage3.tokens=19300352" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -80,7 +104,7 @@ for row in "${ROWS[@]}"; do
     stamp "train $row failed: see $RUNS/$row.train.log"
     continue
   fi
-  if [ ! -f "$RUNS/$row/eval/results.json" ]; then
+  if [[ $row != recipe_s12* ]] && [ ! -f "$RUNS/$row/eval/results.json" ]; then  # stages 1-2 alone: no eval
     (python3 -m distill eval checkpoint="$RUNS/$row" with_teacher=false data_dir="$DISTILL_DATA_DIR" batch_size=32 \
        max_length=2048 > "$RUNS/$row.eval.log" 2>&1 && stamp "evaluated $row") &
   fi

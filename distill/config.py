@@ -44,6 +44,9 @@ class StudentConfig:
     conv_activation: str | None = None  # default by form: identity (discrete), silu (mamba2)
     norm: bool | None = None  # default by form: False (discrete), True (mamba2)
     chunk_size: int = 64  # SSD chunk length: a tuning hint (same function); Triton rounds to 16..128, float32 <= 64
+    # One B per head (as C) instead of one per teacher KV group: transferred as the group's K repeated, so the
+    # student starts as the same function, and each head's B then trains on its own (Llamba's independent heads).
+    b_per_head: bool = False
     # Start from another run's trained SSD layers (a run folder, at its latest checkpoint, or a checkpoint folder):
     # every tensor whose name and shape match is copied, except the blocks of this student's attention layers, which
     # stay the teacher's. E.g. a hybrid's stage 3 from a pure student's stages 1-2 (layers there trained alone).

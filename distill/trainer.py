@@ -365,10 +365,12 @@ class Trainer:
         bad = [i for i, v in result.per_layer.items() if not math.isfinite(v)]
         if not math.isfinite(result.loss) or bad:
             where = f" in layer {bad[0]}" if bad else ""
+            last = latest_checkpoint(self.run_dir)
+            kept = (f"the latest checkpoint, {last}, is the last good one" if last is not None else
+                    "no checkpoint had been written yet, so a new run starts from the beginning")
             raise NonFiniteLoss(
                 f"{stage}: the loss is {result.loss} at step {self.state.step + 1}{where}; nothing of this step was "
-                f"saved and the latest checkpoint in {self.run_dir / 'checkpoints'} is the last good one. "
-                f"Lower stages.{stage}.lr or use trainer.precision=fp32"
+                f"saved and {kept}. Lower stages.{stage}.lr or use trainer.precision=fp32"
             )
 
     def _save(self, name: str, engine: step_engine.StepEngine, optimizer: bool = True) -> None:

@@ -241,7 +241,11 @@ def test_other_output_folders_under_a_file(run, tmp_path, capsys):
 
 def test_a_loss_that_turns_nan_is_one_line_and_exit_1(tmp_path, capsys):
     refused(capsys, ["train", *TINY, f"run_dir={tmp_path}", "pipeline=[stage1]", "stages.stage1.lr=1e30"],
-            "stage1: the loss is nan at step", "Lower stages.stage1.lr", code=1)
+            "stage1: the loss is nan at step", "no checkpoint had been written yet", "Lower stages.stage1.lr", code=1)
+    # Past a stage's end its checkpoint is the one named.
+    refused(capsys, ["train", *TINY, f"run_dir={tmp_path / 'later'}", "pipeline=[stage1,stage2]",
+                     "stages.stage2.lr=1e30"],
+            "stage2: the loss is", "the latest checkpoint,", "stage1-done, is the last good one", code=1)
 
 
 def test_eval_without_its_task_data(run, tmp_path, capsys, monkeypatch):

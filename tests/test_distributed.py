@@ -39,8 +39,7 @@ ZERO3 = ["trainer=zero3", "trainer.deepspeed.zero_optimization.stage3_param_pers
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-# One xdist worker runs this file (`--dist loadgroup`): the module's runs below are then made once, not once a worker.
-pytestmark = pytest.mark.xdist_group("distributed")
+# The README's `--dist loadfile` runs this file on one xdist worker: the module's runs below are made once.
 
 
 def torchrun(*args: str, procs: int = 2) -> list[str]:

@@ -92,10 +92,11 @@ def test_left_padding_does_not_enter_the_state(tiny_llama, keep):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("teacher_name", ["tiny-llama", "tiny-phi"])
-def test_cuda_graph_decode_equals_eager(teacher_name, tiny_llama, tiny_phi):
+@pytest.mark.parametrize("teacher_name, keep", [("tiny-llama", ()), ("tiny-phi", ()), ("tiny-llama", (1, 3)),
+                                                 ("tiny-phi", (0,))])
+def test_cuda_graph_decode_equals_eager(teacher_name, keep, tiny_llama, tiny_phi):
     teacher = {"tiny-llama": tiny_llama, "tiny-phi": tiny_phi}[teacher_name]
-    student = student_for(teacher, "discrete").cuda()
+    student = student_for(teacher, "discrete", keep).cuda()
     ids = torch.randint(0, 257, (3, 11), device="cuda")
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, eos_token_id=None,
                   pad_token_id=0, output_logits=True, return_dict_in_generate=True)
@@ -162,3 +163,36 @@ def test_a_pure_student_builds_no_attention_mask(tiny_llama, monkeypatch):
             student(input_ids=ids[:, 8:], attention_mask=mask, past_key_values=cache, use_cache=True)
         assert built
         assert (max(built) >= 2 * 4 * 12) == expect_mask, (keep, built)
+
+
+@pytest.mark.parametrize("teacher_name, keep", [("tiny-llama", (1, 3)), ("tiny-phi", (0,)), ("tiny-llama", ())])
+def test_the_captured_decode_step_run_uncaptured_equals_eager(teacher_name, keep, tiny_llama, tiny_phi, monkeypatch):
+    """The function a CUDA graph captures for a decode step (static SSD states; a hybrid's static KV buffers behind
+    a mask built from the step's position), run uncaptured on the CPU, generates what eager steps do: left padding
+    stays hidden, a second generation rebinds the decoder, and one that outgrows the keys' room gets a new one."""
+    from distill.models.student.modeling_distill import GraphDecoder
+
+    teacher = {"tiny-llama": tiny_llama, "tiny-phi": tiny_phi}[teacher_name]
+    student = student_for(teacher, "discrete", keep)
+    monkeypatch.setattr(GraphDecoder, "headroom", 8)  # room for 24 positions with a 9-token prompt: outgrown
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids = torch.randint(0, 256, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3], ids[0, :3] = 0, 256
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=256, eos_token_id=None,
+                  output_logits=True, return_dict_in_generate=True)
+    eager = student.generate(ids, **kwargs)
+    steps = []
+    original = GraphDecoder.step
+    monkeypatch.setattr(GraphDecoder, "step", lambda self, *a: steps.append(self) or original(self, *a))
+    student.enable_cuda_graph_decode()
+    student._graph_decode_capture = False
+    static = student.generate(ids, **kwargs)
+    again = student.generate(ids, **kwargs)
+    assert len(steps) == 2 * 19  # every step after the prefill went through a decoder
+    if keep:
+        assert len({id(d) for d in steps}) == 2 and steps[-1].capacity == 32  # outgrew 16, then 32 from the first
+    for out in (static, again):
+        assert torch.equal(out.sequences, eager.sequences)
+        for a, b in zip(out.logits, eager.logits):
+            assert ((a - b).norm() / b.norm()).item() < 1e-5

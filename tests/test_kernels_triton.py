@@ -400,13 +400,25 @@ def test_rms_norm_matches_reference(shape, x_dtype, w_dtype) -> None:
 
 
 def test_rms_norm_kernel_rounds_as_the_family_does() -> None:
-    """For a bf16 teacher the kernel gives the eager function's bits (the normalized x rounded before the weight)."""
+    """For a bf16 teacher the kernel rounds where the eager function does: the normalized x to bf16 before the
+    product with the weight, then the product. On the GPU that gives the eager function's values (within one rounding
+    of rsqrt's last bit); the Triton interpreter converts float32 to bf16 by truncation, not to nearest, so on the
+    CPU the same roundings are checked with truncation: bit for bit but for the rare element where float32 sums in
+    another order put the normalized x across a bf16 boundary (one unit in the last place)."""
     g = torch.Generator().manual_seed(next(_seeds))
     x = torch.randn(4, 9, 48, generator=g).to(DEVICE, torch.bfloat16)
     w = torch.randn(48, generator=g).to(DEVICE, torch.bfloat16)
     y = triton_rmsnorm.rms_norm_triton(x, w, 1e-6)
-    y_ref = reference.rms_norm(x, w, 1e-6)
-    assert (y.float() - y_ref.float()).abs().max().item() <= 2 ** -7 * y_ref.float().abs().max().item()
+    if CUDA:
+        y_ref = reference.rms_norm(x, w, 1e-6)
+        assert (y.float() - y_ref.float()).abs().max().item() <= 2 ** -7 * y_ref.float().abs().max().item()
+    else:
+        truncate = lambda t: (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)  # noqa: E731
+        xf = x.float()
+        normed = truncate(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6))
+        expected = truncate(w.float() * normed)
+        diff, ulp = (y.float() - expected).abs(), torch.exp2(torch.floor(torch.log2(expected.abs())) - 7)
+        assert (diff <= ulp).all() and (diff == 0).float().mean() > 0.99
     with pytest.raises(ValueError, match="weight must have shape"):
         triton_rmsnorm.rms_norm_triton(x, w[:5], 1e-6)
 

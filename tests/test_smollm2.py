@@ -11,8 +11,7 @@ from distill.config import ConfigError
 from tests.conftest import teacher_config
 from tests.test_teachers import eager_reference, rel
 
-# One xdist worker loads the teacher for the whole file (`--dist loadgroup`).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

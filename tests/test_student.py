@@ -61,6 +61,36 @@ def test_transfer_maps_qkvo(tiny_teacher):
         assert torch.equal(mixer(hidden)[0], torch.zeros_like(hidden) + bias)
 
 
+def test_one_b_per_head_starts_as_the_grouped_student(tiny_llama, tmp_path):
+    """student.b_per_head: B gets one group per head, each the K of its KV group at transfer, so the mixing matrices
+    (and the function) equal the grouped student's; then each head's B is a parameter of its own, and the student
+    saves and reloads with that shape."""
+    cfg = tiny_llama.config
+    h, hk = cfg.num_attention_heads, cfg.num_key_value_heads
+    assert hk < h  # a GQA teacher, or the option changes nothing
+    grouped = build_student(tiny_llama, StudentConfig(form="discrete"), attention_layers=[])
+    per_head = build_student(tiny_llama, StudentConfig(form="discrete", b_per_head=True), attention_layers=[])
+    assert grouped.mixer(1).spec.n_b_groups == hk and per_head.mixer(1).spec.n_b_groups == h
+    ids = random_ids()
+    with torch.no_grad():
+        a, b = grouped.mixing_matrices(ids), per_head.mixing_matrices(ids)
+        assert sorted(a) == sorted(b) and all(rel(b[i], a[i]) < 1e-6 for i in a)
+        for student in (grouped, per_head):  # open the gate and add D: the whole mixer's output counts
+            student.mixer(1).in_proj.bias[: student.mixer(1).x_width].fill_(2.0)
+            student.mixer(1).D.fill_(0.5)
+    hidden = torch.randn(2, 17, cfg.hidden_size)
+    with torch.no_grad():
+        y = grouped.mixer(1)(hidden)[0]
+        assert y.abs().max() > 0.01 and rel(per_head.mixer(1)(hidden)[0], y) < 1e-6
+        inputs, _ = per_head.mixer(1).ssd_inputs(hidden)
+    assert inputs.B.shape[2] == h and torch.equal(inputs.B[:, :, 0], inputs.B[:, :, 1])  # heads 0, 1 share K 0
+    per_head.save_pretrained(tmp_path / "s")
+    again = type(per_head).from_pretrained(tmp_path / "s")
+    assert again.mixer(1).spec.n_b_groups == h
+    with torch.no_grad():
+        assert rel(again(ids).logits, per_head(ids).logits) < 1e-6
+
+
 def test_everything_else_is_copied(tiny_teacher):
     student = build_student(tiny_teacher, StudentConfig(), attention_layers=[1])
     teacher_state = tiny_teacher.model.state_dict()

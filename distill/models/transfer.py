@@ -40,7 +40,7 @@ def mixer_spec(teacher: Teacher, cfg: StudentConfig) -> MixerSpec:
         n_heads=h,
         head_dim=d,
         d_state=d,
-        n_b_groups=getattr(tc, "num_key_value_heads", None) or h,
+        n_b_groups=h if cfg.b_per_head else getattr(tc, "num_key_value_heads", None) or h,
         n_c_groups=h,
         form=cfg.form,
         conv_kernel=cfg.conv_kernel,
@@ -81,15 +81,22 @@ def transfer_attention(teacher: Teacher, idx: int, mixer: SSDMixer) -> None:
     fam, spec = teacher.family, mixer.spec
     q, k, v, o = (getattr(attn, name) for name in (fam.q_proj, fam.k_proj, fam.v_proj, fam.o_proj))
     softmax_scale = getattr(attn, "scaling", spec.d_state**-0.5)
-    group = spec.n_heads // spec.n_b_groups
+    kv_heads = k.weight.shape[0] // spec.d_state
 
-    def repeat_heads(t: torch.Tensor) -> torch.Tensor:  # (hk * p, ...) -> (h * p, ...), each KV head per group
-        return t.reshape(spec.n_b_groups, spec.head_dim, *t.shape[1:]).repeat_interleave(group, 0).flatten(0, 1)
+    def repeat_heads(t: torch.Tensor, width: int, groups: int) -> torch.Tensor:
+        """(kv_heads * width, ...) -> (groups * width, ...): each KV head's rows repeated for the groups it feeds."""
+        return t.reshape(kv_heads, width, *t.shape[1:]).repeat_interleave(groups // kv_heads, 0).flatten(0, 1)
+
+    def as_x(t):  # x has one head per query head
+        return None if t is None else repeat_heads(t, spec.head_dim, spec.n_heads)
+
+    def as_b(t):  # B has n_b_groups groups: the KV heads, or every head (b_per_head)
+        return None if t is None else repeat_heads(t, spec.d_state, spec.n_b_groups)
 
     xw = mixer.x_width
     rows = {
-        "x": (slice(xw, 2 * xw), repeat_heads(v.weight), None if v.bias is None else repeat_heads(v.bias)),
-        "B": (slice(2 * xw, 2 * xw + mixer.b_width), k.weight, k.bias),
+        "x": (slice(xw, 2 * xw), as_x(v.weight), as_x(v.bias)),
+        "B": (slice(2 * xw, 2 * xw + mixer.b_width), as_b(k.weight), as_b(k.bias)),
         "C": (
             slice(2 * xw + mixer.b_width, 2 * xw + mixer.b_width + mixer.c_width),
             q.weight * softmax_scale,
@@ -128,7 +135,7 @@ def adopt_trained_layers(student, weights: dict[str, torch.Tensor]) -> tuple[lis
         found = f"{list(weights[why].shape)}, not {list(own[why].shape)}" if why in weights else "missing"
         raise ConfigError(
             f"student.init_from fits no SSD layer of this student ({why}: {found}): use a run of the same teacher "
-            "and student form (student.form, conv_kernel, norm)"
+            "and student form (student.form, conv_kernel, norm, b_per_head)"
         )
     student.load_state_dict(copy, strict=False)
     return taken, left

@@ -387,18 +387,52 @@ class SSDMixer(nn.Module):
         return self.out_proj(swiglu(z, y))  # y * silu(z)
 
 
+class StaticKVSlot(DynamicLayer):
+    """A kept attention layer's KV cache inside a captured decode step: fixed buffers (b, kv heads, capacity, d)
+    written at the step's position (a device scalar shared by all such layers, advanced once a step by the graph
+    itself), so that replaying the graph appends where the last replay stopped. Attention reads the whole buffer;
+    the decoder's mask hides the positions not yet written."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.position = keys, values, position
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        index = self.position.view(1)  # one token a step
+        self.keys.index_copy_(2, index, key_states)
+        self.values.index_copy_(2, index, value_states)
+        return self.keys, self.values
+
+
+def graph_decodable(config) -> bool:
+    """Whether a decode step of this student can be captured: its kept attention layers (if any) attend to every
+    earlier position through an implementation that takes the decoder's additive mask (sdpa or eager)."""
+    if not config.attention_layers:
+        return True
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", None):
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    return all(layer_types[i] == "full_attention" for i in config.attention_layers if i < len(layer_types))
+
+
 class GraphDecoder:
-    """One decode step of a pure-SSD student captured as a CUDA graph, for one batch size.
+    """One decode step of a student captured as a CUDA graph, for one batch size.
 
     A step is ~30 layers of small kernels: on a host whose CPU is slow, launching them one by one costs tens of
-    milliseconds, replaying the graph well under one. The graph reads the token and every layer's conv and SSM state
-    from static buffers and writes the new states back into them; `step` binds a generation's DistillCache to those
-    buffers (copying its states in once) and replays. Attention layers (hybrids) would need a KV cache that grows
-    each step, so hybrids decode eagerly.
+    milliseconds, replaying the graph well under one. The graph reads the token and every SSD layer's conv and SSM
+    state from static buffers and writes the new states back into them; a hybrid's attention layers append to
+    static KV buffers of room for `capacity` tokens (StaticKVSlot) behind a mask the graph builds from the step's
+    position. `step` binds a generation's DistillCache to those buffers (copying its states and keys in once) and
+    replays; the cache's attention layers then hold views of the buffers, so an eager step can take over at any
+    time. A generation that outgrows the capacity gets a new decoder, with more (the model's `_graph_step`).
+    `capture=False` runs the same step uncaptured, on any device: how the static-buffer logic is tested on the CPU.
     """
 
-    def __init__(self, model, cache: DistillCache, batch_size: int):
-        self.model, self.batch_size = model, batch_size
+    headroom = 256  # tokens of room beyond the prompt, rounded up to a multiple of this
+
+    def __init__(self, model, cache: DistillCache, batch_size: int, capture: bool = True):
+        self.model, self.batch_size, self.capture = model, batch_size, capture
         device = next(model.parameters()).device
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.cache = DistillCache(model.config)  # the graph's own slots, pointing at the static buffers
@@ -407,14 +441,37 @@ class GraphDecoder:
             slot, own = cache.layers[idx], self.cache.layers[idx]
             own.conv_state, own.ssm_state = slot.conv_state.clone(), slot.ssm_state.clone()
             self.buffers.append((idx, own.conv_state, own.ssm_state))
+        self.attention = sorted(model.config.attention_layers or [])
+        self.length = cache.get_seq_length()  # tokens in the cache, as a Python int
+        self.capacity = -(-(self.length + self.headroom) // self.headroom) * self.headroom
+        self.kv = []
+        if self.attention:
+            self.position = torch.zeros((), dtype=torch.long, device=device)
+            self.position_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            self.valid = torch.ones(batch_size, self.capacity, dtype=torch.bool, device=device)
+            self.key_index = torch.arange(self.capacity, device=device)
+            for idx in self.attention:
+                keys, values = cache.layers[idx].keys, cache.layers[idx].values
+                kbuf = keys.new_zeros(*keys.shape[:2], self.capacity, keys.shape[-1])
+                vbuf = values.new_zeros(*values.shape[:2], self.capacity, values.shape[-1])
+                self.cache.layers[idx] = StaticKVSlot(kbuf, vbuf, self.position)
+                self.kv.append((idx, kbuf, vbuf))
         self.bound = None
         self.graph, self.logits = None, None
 
     def _body(self) -> torch.Tensor:
         body = self.model.model
         h = body.embed_tokens(self.tokens)
+        extra = {}
+        if self.kv:
+            # The step sees every written position up to its own, except the prompt's padding.
+            allowed = self.valid & (self.key_index <= self.position)
+            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None, None, :]
+            extra = dict(attention_mask=mask, position_ids=self.position_ids,
+                         position_embeddings=body.rotary_emb(h, position_ids=self.position_ids))
         for layer in body.layers:
-            out = layer(h, **{CACHE_ARG: self.cache})
+            out = layer(h, **{CACHE_ARG: self.cache}, **extra)
             h = out[0] if isinstance(out, tuple) else out
         norm = body.norm if hasattr(body, "norm") else body.final_layernorm
         logits = self.model.lm_head(norm(h))
@@ -424,43 +481,81 @@ class GraphDecoder:
             conv.copy_(own.conv_state)
             ssm.copy_(own.ssm_state)
             own.conv_state, own.ssm_state = conv, ssm
+        if self.kv:
+            self.position.add_(1)
         return logits
 
     def _capture(self) -> None:
         saved = [(conv.clone(), ssm.clone()) for _, conv, ssm in self.buffers]
+        position = self.position.clone() if self.kv else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # compiles the Triton kernels and settles the allocator; advances the states...
                 self._body()
         torch.cuda.current_stream().wait_stream(stream)
-        for (_, conv, ssm), (c, s) in zip(self.buffers, saved):  # ...so put them back
-            conv.copy_(c)
+        for (_, conv, ssm), (c, s) in zip(self.buffers, saved):  # ...so put them back (the KV rows written past
+            conv.copy_(c)  # the position are masked, and overwritten by the steps that reach them)
             ssm.copy_(s)
+        if self.kv:
+            self.position.copy_(position)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._body()
+        if self.kv:
+            self.position.copy_(position)  # the capture ran the body once more
+
+    def _is_bound(self, cache: DistillCache) -> bool:
+        if self.bound is not cache or any(cache.layers[i].ssm_state is not ssm for i, _, ssm in self.buffers):
+            return False
+        for idx, kbuf, _ in self.kv:
+            keys = cache.layers[idx].keys
+            if keys is None or keys.data_ptr() != kbuf.data_ptr() or keys.shape[-2] != self.length:
+                return False
+        return True
 
     def bind(self, cache: DistillCache) -> None:
-        """Make `cache` the generation this graph continues: copy its states in (once) and share the buffers."""
+        """Make `cache` the generation this graph continues: copy its states and keys in (once) and share the
+        buffers."""
         for idx, conv, ssm in self.buffers:
             slot = cache.layers[idx]
             if slot.ssm_state is not ssm:
                 conv.copy_(slot.conv_state)
                 ssm.copy_(slot.ssm_state)
                 slot.conv_state, slot.ssm_state = conv, ssm
+        if self.kv:
+            self.length = cache.get_seq_length()
+            self.position.fill_(self.length)
+            self.valid.fill_(True)
+            if cache.padding_mask is not None:  # the generation's 2-D mask; left padding stays hidden
+                self.valid[:, : self.length] = cache.padding_mask[:, : self.length].bool()
+            for idx, kbuf, vbuf in self.kv:
+                slot = cache.layers[idx]
+                if slot.keys.data_ptr() != kbuf.data_ptr():
+                    kbuf[:, :, : self.length].copy_(slot.keys)
+                    vbuf[:, :, : self.length].copy_(slot.values)
+                slot.keys, slot.values = kbuf[:, :, : self.length], vbuf[:, :, : self.length]
         self.bound = cache
 
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, cache: DistillCache) -> torch.Tensor:
-        if self.bound is not cache or any(cache.layers[i].ssm_state is not ssm for i, _, ssm in self.buffers):
+    def step(self, input_ids: torch.Tensor, cache: DistillCache, position_ids: torch.Tensor | None = None):
+        if not self._is_bound(cache):
             self.bind(cache)
         self.tokens.copy_(input_ids)
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
+        if self.kv:
+            # What the eager forward would use: generate's position_ids, else the cache's length.
+            self.position_ids.copy_(position_ids if position_ids is not None else self.position.expand(1, 1))
+        if not self.capture:
+            self.logits = self._body()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
         for idx, _, _ in self.buffers:
             cache.layers[idx].seen += 1
+        self.length += 1
+        for idx, kbuf, vbuf in self.kv:
+            cache.layers[idx].keys, cache.layers[idx].values = kbuf[:, :, : self.length], vbuf[:, :, : self.length]
         return self.logits
 
 
@@ -476,36 +571,41 @@ class StudentMixin:
                 layer.self_attn = SSDMixer(config.hidden_size, spec, idx)
         use_block_kernels(self)
         self._graph_decoders: dict[int, GraphDecoder] | None = None
+        self._graph_decode_capture = True  # False: the decoders' step runs uncaptured, on any device (tests)
         # A longer prompt is prefilled through the cache this many tokens at a time (None: in one pass), so that
         # prefill memory stays that of one chunk however long the prompt is; the logits are the one pass's.
         self.prefill_chunk_size: int | None = 2048
 
     def enable_cuda_graph_decode(self, enabled: bool = True):
-        """Decode one-token steps of generate() by replaying a CUDA graph (pure-SSD students on CUDA, no grad).
+        """Decode one-token steps of generate() by replaying a CUDA graph (on CUDA, no grad).
 
         Worth it where the host's Python is the bottleneck (small batches, slow CPUs). Graphs are captured per batch
-        size on first use; hybrids and the prefill always run eagerly. Returns the model.
+        size on first use, and again when a hybrid's generation outgrows the room its KV buffers were made with;
+        the prefill runs eagerly, and so does a hybrid whose attention is neither sdpa nor eager or slides.
+        Returns the model.
         """
         self._graph_decoders = {} if enabled else None
         return self
 
-    def _graph_step(self, input_ids, cache):
+    def _graph_step(self, input_ids, cache, position_ids=None):
         """The logits (b, 1, V) of one graph-replayed step, or None where this step must run eagerly."""
         if (
             self._graph_decoders is None
-            or self.config.attention_layers
+            or not graph_decodable(self.config)
             or input_ids is None
             or input_ids.shape[1] != 1
-            or not input_ids.is_cuda
+            or (self._graph_decode_capture and not input_ids.is_cuda)
             or torch.is_grad_enabled()
             or not isinstance(cache, DistillCache)
             or cache.get_seq_length() == 0
         ):
             return None
         b = input_ids.shape[0]
-        if b not in self._graph_decoders:
-            self._graph_decoders[b] = GraphDecoder(self, cache, b)
-        return self._graph_decoders[b].step(input_ids, cache)
+        decoder = self._graph_decoders.get(b)
+        if decoder is None or (decoder.kv and cache.get_seq_length() >= decoder.capacity):
+            # The first, or one with more room for a hybrid's keys.
+            decoder = self._graph_decoders[b] = GraphDecoder(self, cache, b, capture=self._graph_decode_capture)
+        return decoder.step(input_ids, cache, position_ids)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -531,7 +631,7 @@ class StudentMixin:
         if isinstance(past_key_values, DistillCache):
             is_2d = attention_mask is not None and attention_mask.dim() == 2
             past_key_values.padding_mask = attention_mask if is_2d else None
-            logits = self._graph_step(input_ids, past_key_values)
+            logits = self._graph_step(input_ids, past_key_values, kwargs.get("position_ids"))
             if logits is not None:
                 return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: past_key_values})
             chunk = self.prefill_chunk_size
