@@ -33,7 +33,8 @@ most used overrides:
   student.b_per_head=true             one B per head, not per KV group (starts as the same function)
   pipeline=[stage2,stage3]            which stages to run, in order
   stages.stage3.tokens=1000000        a stage's token budget (also batch_size, seq_len, lr, trainable,
-                                      temperature, ce_weight, divergence=forward_kl|reverse_kl|jsd)
+                                      temperature, ce_weight, divergence=forward_kl|reverse_kl|jsd, on_policy:
+                                      the fraction of stage-3 steps on text the student writes itself)
   data.path=/data/*.jsonl.gz          local json/jsonl/txt(.gz) files, or a hub dataset name
   teacher.source=hub teacher.path=HuggingFaceTB/SmolLM2-135M-Instruct
   trainer.device=cuda trainer.precision=bf16 kernels=torch

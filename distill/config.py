@@ -92,6 +92,11 @@ class StageConfig:
     divergence: str = "forward_kl"  # logits: forward_kl (teacher || student), reverse_kl, or jsd (generalized JSD)
     jsd_beta: float = 0.5  # logits, jsd: the mixture weight of the teacher, 0 < beta < 1
     chunk_tokens: int = 1024  # logits: tokens per chunk of the fused LM-head loss (memory ~ chunk x vocabulary)
+    # logits: the fraction of steps whose sequences the student writes after their first on_policy_prompt tokens,
+    # sampled at on_policy_temperature, for the teacher to score (generalized KD's lambda; distill/on_policy.py)
+    on_policy: float = 0.0
+    on_policy_prompt: int = 64
+    on_policy_temperature: float = 1.0
 
 
 @dataclass
@@ -302,6 +307,23 @@ def validate(cfg: Config) -> None:
         for key in ("warmup_fraction", "min_lr_ratio"):
             if not 0 <= getattr(st, key) <= 1:
                 raise ConfigError(f"stages.{name}.{key}={getattr(st, key)} must be between 0 and 1")
+        if st.on_policy:
+            if not 0 <= st.on_policy <= 1:
+                raise ConfigError(f"stages.{name}.on_policy={st.on_policy}: give the fraction of steps, 0 to 1")
+            if st.loss != "logits":
+                raise ConfigError(f"stages.{name}.on_policy applies to the logits loss (stage 3); set it to 0 here")
+            if not 0 < st.on_policy_prompt < st.seq_len:
+                raise ConfigError(
+                    f"stages.{name}.on_policy_prompt={st.on_policy_prompt} must be between 1 and seq_len - 1 "
+                    f"({st.seq_len - 1}): the student writes the rest of each sequence"
+                )
+            if not st.on_policy_temperature > 0:
+                raise ConfigError(f"stages.{name}.on_policy_temperature={st.on_policy_temperature} must be positive")
+            if cfg.trainer.deepspeed:
+                raise ConfigError(
+                    f"stages.{name}.on_policy with trainer.deepspeed: sampling from a sharded student is not "
+                    "supported; run on-policy stages in one process"
+                )
         if not st.grad_clip > 0:
             raise ConfigError(f"stages.{name}.grad_clip={st.grad_clip} must be positive (inf: no clipping)")
         if st.tokens < st.batch_size * st.seq_len:

@@ -30,6 +30,7 @@ from .data import PackedData, build_data
 from .metrics_file import read_metrics
 from .models.teachers import Teacher, load_teacher
 from .models.transfer import build_student
+from .on_policy import OnPolicy
 from .run_folder import init_from
 from .stages import trainable_parameters
 from .stages.common import autocast
@@ -286,10 +287,18 @@ class Trainer:
         )
         state.results.setdefault(name, {"first": [], "recent": []})  # the summary's losses (_record)
         t0, tokens0 = time.perf_counter(), state.tokens
+        on_policy = None
+        if stage.on_policy:
+            on_policy = OnPolicy(stage.on_policy, stage.on_policy_prompt, stage.on_policy_temperature, cfg.trainer.seed)
         while state.step < total:
             position, batch = next(batches)
             batch = batch.to(self.device)
+            written = on_policy is not None and on_policy.chosen(state.step)
+            if written:
+                batch = on_policy.sequences(self.student, batch, state.step)
             result, grad_norm = engine.step(batch)
+            if on_policy is not None:
+                result.extra["on_policy"] = float(written)
             state.step, state.position, state.tokens = state.step + 1, position, state.tokens + batch.numel()
             tok_s = (state.tokens - tokens0) / (time.perf_counter() - t0)
             self._record(name, total, result, grad_norm, engine, tok_s)
