@@ -500,10 +500,8 @@ class GraphDecoder:
         if self.kv:
             self.position.copy_(position)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph):  # records the step without running it
             self.logits = self._body()
-        if self.kv:
-            self.position.copy_(position)  # the capture ran the body once more
 
     def _is_bound(self, cache: DistillCache) -> bool:
         if self.bound is not cache or any(cache.layers[i].ssm_state is not ssm for i, _, ssm in self.buffers):
