@@ -92,10 +92,11 @@ class StageConfig:
     divergence: str = "forward_kl"  # logits: forward_kl (teacher || student), reverse_kl, or jsd (generalized JSD)
     jsd_beta: float = 0.5  # logits, jsd: the mixture weight of the teacher, 0 < beta < 1
     chunk_tokens: int = 1024  # logits: tokens per chunk of the fused LM-head loss (memory ~ chunk x vocabulary)
-    # logits: the fraction of steps whose sequences the student writes after their first on_policy_prompt tokens,
-    # sampled at on_policy_temperature, for the teacher to score (generalized KD's lambda; distill/on_policy.py)
+    # logits: the fraction of steps whose sequences end in on_policy_tokens tokens the student writes itself (after
+    # the rest of the sequence as a prompt), sampled at on_policy_temperature, for the teacher to score
+    # (generalized KD's lambda; distill/on_policy.py). Each written token is a decode step: keep them few.
     on_policy: float = 0.0
-    on_policy_prompt: int = 64
+    on_policy_tokens: int = 256
     on_policy_temperature: float = 1.0
 
 
@@ -312,10 +313,10 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"stages.{name}.on_policy={st.on_policy}: give the fraction of steps, 0 to 1")
             if st.loss != "logits":
                 raise ConfigError(f"stages.{name}.on_policy applies to the logits loss (stage 3); set it to 0 here")
-            if not 0 < st.on_policy_prompt < st.seq_len:
+            if not 0 < st.on_policy_tokens < st.seq_len:
                 raise ConfigError(
-                    f"stages.{name}.on_policy_prompt={st.on_policy_prompt} must be between 1 and seq_len - 1 "
-                    f"({st.seq_len - 1}): the student writes the rest of each sequence"
+                    f"stages.{name}.on_policy_tokens={st.on_policy_tokens} must be between 1 and seq_len - 1 "
+                    f"({st.seq_len - 1}): the student writes that many tokens after the rest as a prompt"
                 )
             if not st.on_policy_temperature > 0:
                 raise ConfigError(f"stages.{name}.on_policy_temperature={st.on_policy_temperature} must be positive")

@@ -289,7 +289,7 @@ class Trainer:
         t0, tokens0 = time.perf_counter(), state.tokens
         on_policy = None
         if stage.on_policy:
-            on_policy = OnPolicy(stage.on_policy, stage.on_policy_prompt, stage.on_policy_temperature, cfg.trainer.seed)
+            on_policy = OnPolicy(stage.on_policy, stage.on_policy_tokens, stage.on_policy_temperature, cfg.trainer.seed)
         while state.step < total:
             position, batch = next(batches)
             batch = batch.to(self.device)

@@ -25,11 +25,11 @@ def test_the_chosen_steps_are_that_fraction_evenly_spread(fraction):
     assert all(sum(chosen[i:i + 12]) in (int(12 * fraction), -(-12 * fraction // 1)) for i in range(0, 108, 12))
 
 
-def test_the_student_writes_after_the_prompt_and_the_same_step_writes_the_same(tiny_llama):
+def test_the_student_writes_the_last_tokens_and_the_same_step_writes_the_same(tiny_llama):
     student = build_student(tiny_llama, StudentConfig(form="discrete"), attention_layers=[1]).train()
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     batch = torch.randint(0, 256, (3, 40), generator=g)
-    policy = OnPolicy(0.5, 12, 1.0, seed=7)
+    policy = OnPolicy(0.5, 28, 1.0, seed=7)  # the last 28 of 40 tokens written
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
@@ -44,7 +44,7 @@ def test_the_student_writes_after_the_prompt_and_the_same_step_writes_the_same(t
 
 
 def test_a_run_trains_on_them_resumes_to_the_same_losses_and_marks_them(tmp_path, monkeypatch):
-    on = [*TINY, "stages.stage3.on_policy=0.5", "stages.stage3.on_policy_prompt=32"]
+    on = [*TINY, "stages.stage3.on_policy=0.5", "stages.stage3.on_policy_tokens=96"]
     assert main(["train", *on, f"run_dir={tmp_path / 'whole'}"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "step" in r]
@@ -73,8 +73,9 @@ def test_a_run_trains_on_them_resumes_to_the_same_losses_and_marks_them(tmp_path
 @pytest.mark.parametrize("overrides, message", [
     (["stages.stage3.on_policy=1.5"], "on_policy=1.5: give the fraction of steps, 0 to 1"),
     (["stages.stage1.on_policy=0.5"], "stages.stage1.on_policy applies to the logits loss"),
-    (["stages.stage3.on_policy=0.5", "stages.stage3.on_policy_prompt=128"], "must be between 1 and seq_len - 1"),
-    (["stages.stage3.on_policy=0.5", "stages.stage3.on_policy_temperature=0"], "must be positive"),
+    (["stages.stage3.on_policy=0.5", "stages.stage3.on_policy_tokens=128"], "must be between 1 and seq_len - 1"),
+    (["stages.stage3.on_policy=0.5", "stages.stage3.on_policy_tokens=64", "stages.stage3.on_policy_temperature=0"],
+     "on_policy_temperature=0.0 must be positive"),
 ])
 def test_bad_on_policy_settings_stop_with_one_line(overrides, message, tmp_path, capsys):
     assert main(["train", "experiment=tiny", *overrides, f"run_dir={tmp_path}"]) == 2
