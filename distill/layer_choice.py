@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
+from .kernels.reference import token_divergence
 from .stages.common import autocast
+from .stages.divergence import head_logits
 
 
 @dataclass
@@ -74,8 +76,7 @@ def _chunks(n: int, size: int):
 
 
 def _logits(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
-    out = hidden.float() @ head.weight.float().t()
-    return out + head.bias.float() if head.bias is not None else out
+    return head_logits(hidden, head.weight, head.bias, torch.float32)
 
 
 def true_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk: int = 4096):
@@ -92,7 +93,7 @@ def token_kl(student_hidden, student_head, teacher_hidden, teacher_head, chunk: 
     for s in _chunks(student_hidden.shape[0], chunk):
         log_t = torch.log_softmax(_logits(teacher_hidden[s], teacher_head), -1)
         log_s = torch.log_softmax(_logits(student_hidden[s], student_head), -1)
-        out[s] = (log_t.exp() * (log_t - log_s)).sum(-1)
+        out[s] = token_divergence(log_s, log_t, "forward_kl")
     return out
 
 

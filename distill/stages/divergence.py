@@ -51,7 +51,7 @@ def divergence_reference(
     return loss, parts
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
     """hidden (n, H) @ weight (V, H)^T (+ bias) with the matmul in `dtype` (its output kept in that dtype: the
     divergence upcasts as it reads; with a bias, float32)."""
     out = torch.matmul(hidden.to(dtype), weight.to(dtype).t())
@@ -74,8 +74,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
             rows = slice(start, min(start + chunk, n))
             h = s_hidden[rows]
             with torch.no_grad():
-                t_logits = _logits(t_hidden[rows], t_weight, t_bias, dtype)
-                s_logits = _logits(h, s_weight, s_bias, dtype)
+                t_logits = head_logits(t_hidden[rows], t_weight, t_bias, dtype)
+                s_logits = head_logits(h, s_weight, s_bias, dtype)
             div, ce, g = kernels.chunk_divergence(
                 s_logits, t_logits, divergence, beta, temperature, kl_scale=temperature**2 / n,
                 labels=labels[rows] if labels is not None else None, ce_scale=ce_weight / n, grad_dtype=dtype,
