@@ -13,7 +13,6 @@ CUDA-graph steps where measured, else its eager steps (the legend says which). P
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -23,7 +22,6 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import report  # noqa: E402
 from distill.compare import read_run  # noqa: E402
-from distill.eval.harness import benchmark_value  # noqa: E402
 
 # SmolLM2-135M-Instruct's scores on the same offline tasks (../shared/device/README.md).
 TEACHER = {"average": 44.0, "lambada": 29.2, "wikitext": 33.95}
@@ -31,10 +29,7 @@ TEACHER = {"average": 44.0, "lambada": 29.2, "wikitext": 33.95}
 
 def quality(run: str) -> dict:
     record = read_run(run)
-    results = Path(run) / "eval" / "results.json"
-    column = json.loads(results.read_text())["student"] if results.is_file() else {}
-    return {"average": record.average, "wikitext": record.wikitext,
-            "lambada": None if (v := benchmark_value(column, "lambada_openai", "acc")) is None else 100 * v}
+    return {"average": record.average, "wikitext": record.wikitext, "lambada": record.lambada}
 
 
 def decode_speeds(table: str, prompt: int, batch: int) -> dict[int, tuple[float, float, str]]:

@@ -24,6 +24,7 @@ class RunRecord:
     average: float | None = None  # 6-task average, percent
     average_stderr: float | None = None
     wikitext: float | None = None  # word perplexity
+    lambada: float | None = None  # LAMBADA accuracy, percent (in-context recall)
 
 
 def read_run(run_dir: str | Path, label: str | None = None) -> RunRecord:
@@ -59,6 +60,8 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunRecord:
         record.average = six_task_average(column)
         record.average_stderr = six_task_average_stderr(column)
         record.wikitext = benchmark_value(column, "wikitext", "word_perplexity")
+        lambada = benchmark_value(column, "lambada_openai", "acc")
+        record.lambada = None if lambada is None else 100.0 * lambada
     return record
 
 
