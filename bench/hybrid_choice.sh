@@ -24,6 +24,7 @@ ROWS=("$@")
 BASE="$RUNS/choice_s12"
 mkdir -p "$RUNS"
 stamp() { echo "=== $(date +%T) $*"; }
+source "$(dirname "$0")/rows_lib.sh"
 
 if [ "$GEN_TOKENS" -gt 0 ]; then
   stamp "generate $GEN_TOKENS tokens"
@@ -55,20 +56,11 @@ for row in "${ROWS[@]}"; do
   stamp "stage 3 of $row: attention layers $layers"
   if python3 -m distill train experiment="$PRESET" "${TEACHER[@]}" "$MIX" "pipeline=[stage3]" \
       "student.attention_layers=$layers" student.init_from="$BASE" run_dir="$dir" > "$dir.train.log" 2>&1; then
-    if [ ! -f "$dir/eval/results.json" ]; then
-      (python3 -m distill eval checkpoint="$dir" with_teacher=false data_dir="$DISTILL_DATA_DIR" batch_size=32 \
-         max_length=2048 > "$dir.eval.log" 2>&1 && stamp "evaluated $row") &
-    fi
+    eval_in_background "$dir" "$row"
   else
     stamp "train $row failed: see $dir.train.log"
   fi
 done
 wait
-done_rows=()
-for row in "${ROWS[@]}"; do [ -f "$RUNS/choice_$row/metrics.jsonl" ] && done_rows+=("$RUNS/choice_$row"); done
-if [ ${#done_rows[@]} -gt 1 ]; then
-  list=$(IFS=,; echo "${done_rows[*]}")
-  python3 -m distill compare "runs=[$list]" out="$RUNS/choice_compare" > "$RUNS/choice_compare.log" 2>&1 \
-    && stamp "compared: $RUNS/choice_compare/compare.md" || stamp "compare failed: see $RUNS/choice_compare.log"
-fi
+compare_rows "$RUNS/choice_compare" "${ROWS[@]/#/$RUNS/choice_}"
 stamp "done"

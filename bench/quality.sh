@@ -36,6 +36,7 @@ ROWS=("$@")
 [ ${#ROWS[@]} -gt 0 ] || ROWS=(pure_discrete pure_mamba2 hybrid_data hybrid_even abl_123 abl_23 abl_3 abl_123_real)
 mkdir -p "$RUNS"
 stamp() { echo "=== $(date +%T) $*"; }
+source "$(dirname "$0")/rows_lib.sh"
 
 child=""
 stopping=0
@@ -106,18 +107,9 @@ for row in "${ROWS[@]}"; do
     stamp "train $row failed: see $RUNS/$row.train.log"
     continue
   fi
-  if [[ $row != recipe_s12* ]] && [ ! -f "$RUNS/$row/eval/results.json" ]; then  # stages 1-2 alone: no eval
-    (python3 -m distill eval checkpoint="$RUNS/$row" with_teacher=false data_dir="$DISTILL_DATA_DIR" batch_size=32 \
-       max_length=2048 > "$RUNS/$row.eval.log" 2>&1 && stamp "evaluated $row") &
-  fi
+  [[ $row == recipe_s12* ]] || eval_in_background "$RUNS/$row" "$row"  # stages 1-2 alone: no eval
 done
 wait
 # The rows side by side (read from their run folders: no GPU): loss curves, held-out perplexity, scores.
-done_rows=()
-for row in "${ROWS[@]}"; do [ -f "$RUNS/$row/metrics.jsonl" ] && done_rows+=("$RUNS/$row"); done
-if [ ${#done_rows[@]} -gt 1 ]; then
-  list=$(IFS=,; echo "${done_rows[*]}")
-  python3 -m distill compare "runs=[$list]" out="$RUNS/compare" > "$RUNS/compare.log" 2>&1 \
-    && stamp "compared: $RUNS/compare/compare.md" || stamp "compare failed: see $RUNS/compare.log"
-fi
+compare_rows "$RUNS/compare" "${ROWS[@]/#/$RUNS/}"
 stamp "done: $RUNS/*/summary.md, $RUNS/*/eval/results.md"
