@@ -2,6 +2,7 @@
 
     python bench/generate.py --teacher-gguf /root/teacher/smollm2.gguf [--prompts 2048,8192,32768] [--batches 1,64]
                              [--new-tokens 64] [--attention "20;8,20,23"] [--out FILE]
+    python bench/generate.py --random-smollm2 ...   (SmolLM2-135M's shapes, random weights: no GGUF needed)
 
 Both through `generate()` (greedy, bf16, `min_new_tokens` = `max_new_tokens` so EOS cannot end a run early):
   teacher   SmolLM2-135M-Instruct, with the default dynamic cache and with `cache_implementation="static"`; the
@@ -14,7 +15,8 @@ Both through `generate()` (greedy, bf16, `min_new_tokens` = `max_new_tokens` so 
             attention; their KV caches grow with the prompt), eagerly and with CUDA graphs (static KV buffers):
             the attention-budget curve.
 Time: wall clock of `generate()` with N new tokens minus that with 1 new token (the prefill), so tokens/s is the
-decode rate; peak memory is torch.cuda.max_memory_allocated over the whole call. Runs that do not fit are reported as
+decode rate, after a warm-up call at the same prompt length (2 new tokens); peak memory is
+torch.cuda.max_memory_allocated over the whole call. Runs that do not fit are reported as
 out of memory.
 """
 
@@ -37,7 +39,7 @@ from distill.export import export_student  # noqa: E402
 from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
 
-from bench.common import report  # noqa: E402
+from bench.common import SMOLLM2, report  # noqa: E402
 
 
 def timed_generate(model, prompts: torch.Tensor, new_tokens: int, **kwargs) -> tuple[float, float]:
@@ -63,7 +65,10 @@ def timed_generate(model, prompts: torch.Tensor, new_tokens: int, **kwargs) -> t
 def measure(model, batch: int, prompt: int, new_tokens: int, vocab: int, **kwargs) -> dict:
     prompts = torch.randint(0, vocab, (batch, prompt), device="cuda")
     try:
-        timed_generate(model, prompts[:, :64], 2, **kwargs)  # warm-up: kernels, autotuning, allocator
+        # Warm-up at the measured length: kernels, autotuning, the allocator, and the CUDA-graph decoder a hybrid
+        # captures for its KV buffers' room (a decoder captured for a shorter prompt has too little, and capturing
+        # a new one inside the timed call would be counted as decoding).
+        timed_generate(model, prompts, 2, **kwargs)
         prefill, _ = timed_generate(model, prompts, 1, **kwargs)
         total, peak = timed_generate(model, prompts, new_tokens, **kwargs)
     except torch.OutOfMemoryError:
@@ -96,15 +101,21 @@ def main() -> None:
     parser.add_argument("--student-new-tokens", type=int, default=256)
     parser.add_argument("--skip-static", action="store_true", help="teacher: default cache only")
     parser.add_argument("--attention", default="", help='hybrids too, e.g. "20;20,23;8,20,23" (layers kept)')
+    parser.add_argument("--random-smollm2", action="store_true",
+                        help="SmolLM2-135M's shapes with random weights (no GGUF; speed does not depend on weights)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if not Path(args.teacher_gguf).is_file():
-        sys.exit(f"no teacher at {args.teacher_gguf}: bring the GGUF over as ../shared/device/README.md says")
+    if not args.random_smollm2 and not Path(args.teacher_gguf).is_file():
+        sys.exit(f"no teacher at {args.teacher_gguf}: bring the GGUF over as ../shared/device/README.md says, or "
+                 "pass --random-smollm2")
     lengths = [int(x) for x in args.prompts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
 
     hybrids = [[int(i) for i in h.split(",")] for h in args.attention.split(";") if h.strip()]
-    tcfg = TeacherConfig(name="smollm2", source="gguf", path=args.teacher_gguf, dtype="bfloat16")
+    if args.random_smollm2:
+        tcfg = TeacherConfig(name="smollm2-shaped", source="random", architecture=SMOLLM2, dtype="bfloat16")
+    else:
+        tcfg = TeacherConfig(name="smollm2", source="gguf", path=args.teacher_gguf, dtype="bfloat16")
     teacher = load_teacher(tcfg)
 
     def exported_student(attention_layers: list[int]):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.modeling_utils import AttentionInterface
 
 from distill.config import StudentConfig
-from distill.models.student.modeling_distill import DistillCache, SSDLayerState
+from distill.models.student.modeling_distill import DistillCache, SSDLayerState, grouped_decode_attention
 from distill.models.transfer import build_student
 
 
@@ -182,17 +183,47 @@ def test_the_captured_decode_step_run_uncaptured_equals_eager(teacher_name, keep
     kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=256, eos_token_id=None,
                   output_logits=True, return_dict_in_generate=True)
     eager = student.generate(ids, **kwargs)
-    steps = []
+    steps, grouped = [], []
     original = GraphDecoder.step
     monkeypatch.setattr(GraphDecoder, "step", lambda self, *a: steps.append(self) or original(self, *a))
+    spy = lambda *a, **k: grouped.append(1) or grouped_decode_attention(*a, **k)  # noqa: E731
+    AttentionInterface.register("distill_grouped_decode", spy)
     student.enable_cuda_graph_decode()
     student._graph_decode_capture = False
-    static = student.generate(ids, **kwargs)
-    again = student.generate(ids, **kwargs)
+    try:
+        static = student.generate(ids, **kwargs)
+        again = student.generate(ids, **kwargs)
+    finally:
+        AttentionInterface.register("distill_grouped_decode", grouped_decode_attention)
     assert len(steps) == 2 * 19  # every step after the prefill went through a decoder
+    assert len(grouped) == 2 * 19 * len(keep)  # each kept layer's step attention without repeated keys
+    assert student.config._attn_implementation in ("sdpa", "eager")  # restored for eager forwards
     if keep:
         assert len({id(d) for d in steps}) == 2 and steps[-1].capacity == 32  # outgrew 16, then 32 from the first
     for out in (static, again):
         assert torch.equal(out.sequences, eager.sequences)
         for a, b in zip(out.logits, eager.logits):
             assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 1)])
+def test_grouped_decode_attention_equals_attention_over_repeated_keys(heads, kv_heads):
+    """The captured step's attention (query heads folded onto their KV head) against softmax attention over keys
+    repeated to every query head, in float64, with masked positions (unwritten room and left padding)."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    b, L, d = 3, 37, 16
+    q = torch.randn(b, heads, 1, d, dtype=torch.float64, generator=g)
+    k = torch.randn(b, kv_heads, L, d, dtype=torch.float64, generator=g)
+    v = torch.randn(b, kv_heads, L, d, dtype=torch.float64, generator=g)
+    allowed = torch.rand(b, L, generator=g) > 0.3
+    allowed[:, 0] = True
+    mask = torch.zeros(b, 1, 1, L, dtype=torch.float64).masked_fill(~allowed[:, None, None, :], -1e300)
+    out, _ = grouped_decode_attention(None, q, k, v, mask, scaling=0.3)
+    repeat = heads // kv_heads
+    kr, vr = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    weights = torch.softmax(q @ kr.transpose(-1, -2) * 0.3 + mask, dim=-1)
+    expected = (weights @ vr).transpose(1, 2)  # (b, 1, heads, d), as transformers' attention functions return
+    assert out.shape == expected.shape
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-12
+    with pytest.raises(ValueError, match="one query token"):
+        grouped_decode_attention(None, q.expand(b, heads, 2, d), k, v, None)

@@ -43,6 +43,21 @@ def test_the_student_writes_the_last_tokens_and_the_same_step_writes_the_same(ti
     assert not torch.equal(policy.sequences(student, batch, step=6), a)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_student_writes_through_its_graph_decode_and_the_same_step_writes_the_same(tiny_llama):
+    """The CUDA path: the student decodes through its captured graph (`enable_cuda_graph_decode`), the hybrid's
+    attention layer included, and a step's sequences are the same when written again (a resumed run)."""
+    student = build_student(tiny_llama, StudentConfig(form="discrete"), attention_layers=[1]).cuda().train()
+    batch = torch.randint(0, 256, (4, 48), device="cuda")
+    policy = OnPolicy(0.5, 32, 1.0, seed=3)
+    a = policy.sequences(student, batch, step=2)
+    assert student._graph_decoders and student.training
+    assert a.shape == batch.shape and torch.equal(a[:, :16], batch[:, :16])
+    assert (a[:, 16:] != batch[:, 16:]).float().mean() > 0.5
+    assert torch.equal(policy.sequences(student, batch, step=2), a)
+
+
 def test_a_run_trains_on_them_resumes_to_the_same_losses_and_marks_them(tmp_path, monkeypatch):
     on = [*TINY, "stages.stage3.on_policy=0.5", "stages.stage3.on_policy_tokens=96"]
     assert main(["train", *on, f"run_dir={tmp_path / 'whole'}"]) == 0

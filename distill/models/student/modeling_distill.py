@@ -12,6 +12,7 @@ teacher's names and a hybrid's attention layers are exactly the teacher's.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_utils import AttentionInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaMLP, LlamaRMSNorm
 from transformers.models.phi.modeling_phi import PhiForCausalLM
@@ -405,6 +407,35 @@ class StaticKVSlot(DynamicLayer):
         return self.keys, self.values
 
 
+def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention of one new token a sequence against a grouped-query KV cache, without copying the cache once per
+    query head: the query heads that share a KV head become that head's query rows (b, kv heads, group, d), and the
+    mask, one row of key positions, holds for each of them. transformers' sdpa path repeats the keys and values to
+    every query head when a mask is given (5.17 does; later versions pack the heads as here), which at a long cache
+    reads and writes the cache several times a layer and step. Used inside GraphDecoder's step only.
+    """
+    b, heads, q, d = query.shape
+    if q != 1:
+        raise ValueError(f"grouped_decode_attention takes one query token a sequence, got {q}")
+    rows = query.reshape(b, key.shape[1], heads // key.shape[1], d)
+    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2), None
+
+
+AttentionInterface.register("distill_grouped_decode", grouped_decode_attention)
+
+
+@contextlib.contextmanager
+def attention_implementation(config, name: str):
+    """`config`'s attention implementation set to `name` for the block (the attention layers read it each call)."""
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 def graph_decodable(config) -> bool:
     """Whether a decode step of this student can be captured: its kept attention layers (if any) attend to every
     earlier position through an implementation that takes the decoder's additive mask (sdpa or eager)."""
@@ -470,9 +501,11 @@ class GraphDecoder:
             mask = mask.masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None, None, :]
             extra = dict(attention_mask=mask, position_ids=self.position_ids,
                          position_embeddings=body.rotary_emb(h, position_ids=self.position_ids))
-        for layer in body.layers:
-            out = layer(h, **{CACHE_ARG: self.cache}, **extra)
-            h = out[0] if isinstance(out, tuple) else out
+        grouped = attention_implementation(self.model.config, "distill_grouped_decode")
+        with grouped if self.kv else contextlib.nullcontext():
+            for layer in body.layers:
+                out = layer(h, **{CACHE_ARG: self.cache}, **extra)
+                h = out[0] if isinstance(out, tuple) else out
         norm = body.norm if hasattr(body, "norm") else body.final_layernorm
         logits = self.model.lm_head(norm(h))
         # Write the new states into the static buffers the next replay reads, and point the slots back at them.
