@@ -36,8 +36,8 @@ def _case(n=37, H=16, V=53, bias=True):
      # the chunk's divergence through the Triton kernel (Triton's interpreter on a CPU)
      ("forward_kl", "triton"), ("reverse_kl", "triton")],
 )
-@pytest.mark.parametrize("bias", [True, False])
-def test_fused_matches_float64_reference(divergence, backend, bias, monkeypatch):
+@pytest.mark.parametrize("bias, weighted", [(True, False), (False, False), (True, True)])
+def test_fused_matches_float64_reference(divergence, backend, bias, weighted, monkeypatch):
     if backend == "triton":
         pytest.importorskip("triton")
         from distill import kernels
@@ -45,13 +45,17 @@ def test_fused_matches_float64_reference(divergence, backend, bias, monkeypatch)
         monkeypatch.setattr(kernels, "_backend", "triton")
     s_hidden, s_head, t_hidden, t_head, labels = _case(bias=bias)
     T, beta, ce_weight = 1.7, 0.3, 0.4
+    # Per-token weights (recall weighting): fresh, positive, some rows far above the others.
+    weights = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(torch.seed() % 2**31)) ** 3 * 4 \
+        if weighted else None
     # Reference: full logits, float64, autograd.
     h64 = s_hidden.double().requires_grad_()
     w64 = s_head.weight.detach().double().requires_grad_()
     b64 = s_head.bias.detach().double().requires_grad_() if bias else None
     s_logits = h64 @ w64.t() + (b64 if bias else 0)
     t_logits = t_hidden.double() @ t_head.weight.detach().double().t() + (t_head.bias.detach().double() if bias else 0)
-    ref, ref_parts = divergence_reference(s_logits, t_logits, divergence, T, beta, labels, ce_weight)
+    ref, ref_parts = divergence_reference(s_logits, t_logits, divergence, T, beta, labels, ce_weight,
+                                          weights.double() if weighted else None)
     ref.backward()
     # Fused: chunks of 8 (37 tokens: the last chunk is short); the Triton backend on the GPU where there is one
     # (compiled kernels take CUDA tensors), else under Triton's interpreter.
@@ -59,7 +63,8 @@ def test_fused_matches_float64_reference(divergence, backend, bias, monkeypatch)
     s_head, t_head = s_head.to(device), t_head.to(device)
     hidden = s_hidden.to(device).requires_grad_()
     loss, parts = fused_linear_divergence(hidden, s_head, t_hidden.to(device), t_head, divergence, T, beta,
-                                          labels.to(device), ce_weight, chunk_tokens=8)
+                                          labels.to(device), ce_weight, chunk_tokens=8,
+                                          weights=weights.to(device) if weighted else None)
     loss.backward()
     assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
     assert abs(parts[divergence].item() - ref_parts[divergence].item()) < 1e-5 * ref_parts[divergence].item()
@@ -126,3 +131,19 @@ def test_logits_step_equals_full_logits_reference(tiny_teacher, divergence):
     for name, p in student.named_parameters():
         if p.grad is not None and p.grad.norm() > 0:
             assert _rel(fused[name], p.grad) < 1e-4, name
+
+
+def test_weighted_reference_is_each_tokens_divergence_times_its_weight():
+    """divergence_reference's weights: all ones change nothing; one row weighted alone gives that row's divergence
+    (times its weight, over the token count), so the fused tests above compare against the right definition."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    s = torch.randn(2, 5, 31, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 5, 31, generator=g, dtype=torch.float64)
+    plain, _ = divergence_reference(s, t, "forward_kl", 1.3)
+    ones, _ = divergence_reference(s, t, "forward_kl", 1.3, weights=torch.ones(2, 5, dtype=torch.float64))
+    assert abs(ones.item() - plain.item()) < 1e-12 * plain.item()
+    only = torch.zeros(2, 5, dtype=torch.float64)
+    only[1, 3] = 2.5
+    one_row, _ = divergence_reference(s, t, "forward_kl", 1.3, weights=only)
+    alone, _ = divergence_reference(s[1, 3:4], t[1, 3:4], "forward_kl", 1.3)
+    assert abs(one_row.item() - 2.5 * alone.item() / 10) < 1e-12 * alone.item()

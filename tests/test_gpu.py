@@ -61,10 +61,13 @@ def _stage_setup(student, loss):
     return list(params.values())
 
 
-@pytest.mark.parametrize("loss", ["matrix", "hidden", "logits"])
+@pytest.mark.parametrize("loss", ["matrix", "hidden", "logits", "logits_recall"])
 def test_captured_step_equals_eager_step(tiny_llama, loss):
     """Five scheduled steps replayed from one CUDA graph give the eager trainer's losses, gradient norms and
-    weights; the warm-up before the capture leaves no trace."""
+    weights; the warm-up before the capture leaves no trace. logits_recall: stage 3 with recall weights, computed
+    from each batch's ids inside the graph."""
+    recall = loss == "logits_recall"
+    loss = "logits" if recall else loss
     from distill.graph_step import capture_step, lambda_schedule, make_adamw
 
     teacher = tiny_llama.to("cuda")
@@ -73,8 +76,9 @@ def test_captured_step_equals_eager_step(tiny_llama, loss):
         for i in base.ssd_layers:
             base.mixer(i).in_proj.bias[: base.mixer(i).x_width].fill_(1.0)
     g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
-    batches = [torch.randint(0, 257, (2, 160), device="cuda", generator=g) for _ in range(5)]
-    step = stage_step(StageConfig(loss=loss, tokens=1))
+    # Recall weighting: tokens of 40 of the 257, so that recall positions occur and differ from batch to batch.
+    batches = [torch.randint(0, 40 if recall else 257, (2, 160), device="cuda", generator=g) for _ in range(5)]
+    step = stage_step(StageConfig(loss=loss, tokens=1, recall_weight=3.0 if recall else 0.0, recall_window=16))
     runs = {}
     for graphs in (False, True):
         student = copy.deepcopy(base)

@@ -462,38 +462,41 @@ def test_swiglu_matches_reference(shape, dtype, gate_slice) -> None:
 
 
 @pytest.mark.parametrize(
-    "divergence, temperature, ce, dtype, V, block",
+    "divergence, temperature, ce, dtype, V, block, weighted",
     [
-        ("forward_kl", 1.0, False, torch.float32, 333, 64),
-        ("forward_kl", 2.0, True, torch.float32, 333, 64),  # T^2 scaling path and the cross-entropy (at T = 1)
-        ("reverse_kl", 1.0, False, torch.float32, 333, 64),
-        ("reverse_kl", 0.7, True, torch.float32, 333, 64),
-        ("forward_kl", 1.0, True, torch.bfloat16, 333, 64),  # bf16 logits, as the LM head's bf16 matmul gives them
-        ("reverse_kl", 1.0, True, torch.bfloat16, 5003, None),  # the default block (2048) and its 8 warps
+        ("forward_kl", 1.0, False, torch.float32, 333, 64, False),
+        ("forward_kl", 2.0, True, torch.float32, 333, 64, False),  # T^2 scaling and the cross-entropy (at T = 1)
+        ("reverse_kl", 1.0, False, torch.float32, 333, 64, False),
+        ("reverse_kl", 0.7, True, torch.float32, 333, 64, False),
+        ("forward_kl", 1.0, True, torch.bfloat16, 333, 64, False),  # bf16 logits, as the bf16 LM head gives them
+        ("reverse_kl", 1.0, True, torch.bfloat16, 5003, None, False),  # the default block (2048) and its 8 warps
+        ("forward_kl", 1.5, True, torch.float32, 333, 64, True),  # per-row weights (recall weighting)
+        ("reverse_kl", 1.0, False, torch.float32, 333, 64, True),
     ],
 )
-def test_chunk_divergence_matches_reference(divergence, temperature, ce, dtype, V, block) -> None:
+def test_chunk_divergence_matches_reference(divergence, temperature, ce, dtype, V, block, weighted) -> None:
     """Sums and the student-logit gradient against the float64 reference, vocabulary not a multiple of the block
-    (several blocks a row), student logits a strided view, one ignored label."""
+    (several blocks a row), student logits a strided view, one ignored label; per-row weights where marked."""
     g = torch.Generator().manual_seed(next(_seeds))
     n = 7
+    weights = torch.rand(n, generator=g, dtype=F64) * 3 if weighted else None
     wide = torch.randn(n, V + 11, generator=g, dtype=F64) * 4
     s, t = wide[:, 5 : 5 + V], torch.randn(n, V, generator=g, dtype=F64) * 4
     labels = torch.randint(0, V, (n,), generator=g)
     labels[3] = -100
     kl_scale, ce_scale = 0.37, 0.21
     ref = reference.chunk_divergence(s, t, divergence, 0.5, temperature, kl_scale, labels if ce else None,
-                                     ce_scale, F64)
+                                     ce_scale, F64, weights)
     dev_s, dev_t = wide.to(DEVICE, dtype)[:, 5 : 5 + V], t.to(DEVICE, dtype)
     assert not dev_s.is_contiguous()
     div, ce_sum, grad = triton_divergence.chunk_divergence_triton(
         dev_s, dev_t, divergence, 0.5, temperature, kl_scale, labels.to(DEVICE) if ce else None, ce_scale,
-        torch.float32, block=block,
+        torch.float32, block=block, weights=weights.to(DEVICE, torch.float32) if weighted else None,
     )
     # bf16 logits: the reference sees the same rounded values, so only the kernel's float32 arithmetic differs.
     if dtype != F64:
         ref = reference.chunk_divergence(dev_s.double().cpu(), dev_t.double().cpu(), divergence, 0.5, temperature,
-                                         kl_scale, labels if ce else None, ce_scale, F64)
+                                         kl_scale, labels if ce else None, ce_scale, F64, weights)
     tol = TOL[torch.float32]
     assert grad.dtype == torch.float32 and grad.shape == (n, V)
     assert abs(div.item() - ref[0].item()) / abs(ref[0].item()) < tol
@@ -518,3 +521,5 @@ def test_chunk_divergence_dispatch_and_bad_input() -> None:
         triton_divergence.chunk_divergence_triton(s, t, "jsd")
     with pytest.raises(ValueError, match="rows, vocabulary"):
         triton_divergence.chunk_divergence_triton(s, t[:, :7])
+    with pytest.raises(ValueError, match="weights must have shape"):
+        triton_divergence.chunk_divergence_triton(s, t, weights=torch.ones(2))

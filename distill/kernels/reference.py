@@ -507,12 +507,14 @@ def token_divergence(log_p_s: Tensor, log_p_t: Tensor, divergence: str, beta: fl
 
 
 def chunk_sums(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, divergence: str,
-               beta: float, temperature: float) -> tuple[Tensor, Tensor | None]:
-    """(sum over rows of the divergence at `temperature`, sum over rows of the (T = 1) cross-entropy on `labels`, or
-    None without labels), logits (n, V) in the dtype to compute in."""
+               beta: float, temperature: float, weights: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(sum over rows of the divergence at `temperature`, each row times its entry of `weights` (n,) where given,
+    sum over rows of the (T = 1) cross-entropy on `labels`, or None without labels), logits (n, V) in the dtype to
+    compute in."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    div = token_divergence(log_p_s, log_p_t, divergence, beta).sum()
+    rows = token_divergence(log_p_s, log_p_t, divergence, beta)
+    div = (rows * weights.to(rows.dtype) if weights is not None else rows).sum()
     ce = F.cross_entropy(student_logits, labels, reduction="sum") if labels is not None else None
     return div, ce
 
@@ -527,19 +529,20 @@ def chunk_divergence(
     labels: Tensor | None = None,
     ce_scale: float = 0.0,
     grad_dtype: torch.dtype | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One chunk of stage 3: logits (n, V) of student and teacher, softmaxes at `temperature`.
 
-    Returns the sum over rows of the divergence, the sum over rows of the student's (T = 1) cross-entropy on
-    `labels` (n,) (ignore index -100; None without labels), and the gradient of
-    kl_scale * divergence sum + ce_scale * cross-entropy sum with respect to the student logits, in `grad_dtype`
-    (default: the logits' dtype). Half-precision logits are computed in float32.
+    Returns the sum over rows of the divergence (each row times its entry of `weights` (n,) where given), the sum
+    over rows of the student's (T = 1) cross-entropy on `labels` (n,) (ignore index -100; None without labels), and
+    the gradient of kl_scale * divergence sum + ce_scale * cross-entropy sum with respect to the student logits, in
+    `grad_dtype` (default: the logits' dtype). Half-precision logits are computed in float32.
     """
     dtype = _compute_dtype(student_logits.dtype)
     with torch.enable_grad():
         s = student_logits.detach().to(dtype).requires_grad_(True)
         t = teacher_logits.detach().to(dtype)
-        div, ce = chunk_sums(s, t, labels, divergence, beta, temperature)
+        div, ce = chunk_sums(s, t, labels, divergence, beta, temperature, weights)
         total = div * kl_scale + (ce * ce_scale if ce is not None else 0.0)
         (grad,) = torch.autograd.grad(total, s)
     return div.detach(), (ce.detach() if ce is not None else None), grad.to(grad_dtype or student_logits.dtype)

@@ -3,7 +3,7 @@ an optional cross-entropy on the true next tokens.
 
 Same function as `reference.chunk_divergence` for divergence "forward_kl" or "reverse_kl" (the generalized JSD stays
 on the reference): for a chunk of rows of student logits s and teacher logits t (n, V), the sums over rows of the
-divergence and of the cross-entropy, and the gradient of kl_scale * divergence + ce_scale * cross-entropy with
+divergence (each row optionally weighted) and of the cross-entropy, and the gradient of kl_scale * divergence + ce_scale * cross-entropy with
 respect to s, written in the dtype the LM head's backward matmul wants.
 
 Why a kernel: through PyTorch the chunk is about fifteen passes over (rows x vocabulary) float32 tensors (the
@@ -41,9 +41,9 @@ def _lse(m, z):
 
 @triton.jit
 def _divergence_kernel(
-    s_ptr, t_ptr, g_ptr, label_ptr, div_ptr, ce_ptr,
+    s_ptr, t_ptr, g_ptr, label_ptr, div_ptr, ce_ptr, w_ptr,
     V, ss, st, sg, inv_temp, kl_scale, ce_scale,
-    REVERSE: tl.constexpr, HAS_CE: tl.constexpr, BLOCK: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_CE: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row, t_row, g_row = s_ptr + row * ss, t_ptr + row * st, g_ptr + row * sg
@@ -79,7 +79,13 @@ def _divergence_kernel(
         div = -tl.sum(w * tl.exp(m_s - big_s), axis=0) / tl.exp(lse_s - big_s) - lse_s + lse_t
     else:  # KL(p_t || p_s) = sum p_t (x_t - x_s) - lse_t + lse_s
         div = tl.sum(w * tl.exp(m_t - big_t), axis=0) / tl.exp(lse_t - big_t) - lse_t + lse_s
-    tl.store(div_ptr + row, div)
+    row_kl_scale = kl_scale
+    if HAS_W:  # this row's weight scales its divergence and that part of its gradient
+        weight = tl.load(w_ptr + row).to(tl.float32)
+        row_kl_scale = kl_scale * weight
+        tl.store(div_ptr + row, div * weight)
+    else:
+        tl.store(div_ptr + row, div)
     label = -1
     lse_1 = 0.0
     ce_row_scale = 0.0
@@ -100,9 +106,9 @@ def _divergence_kernel(
         log_pt = t * inv_temp - lse_t
         ps = tl.exp(log_ps)
         if REVERSE:
-            g = kl_scale * inv_temp * ps * (log_ps - log_pt - div)
+            g = row_kl_scale * inv_temp * ps * (log_ps - log_pt - div)
         else:
-            g = kl_scale * inv_temp * (ps - tl.exp(log_pt))
+            g = row_kl_scale * inv_temp * (ps - tl.exp(log_pt))
         if HAS_CE:
             g += ce_row_scale * (tl.exp(s - lse_1) - tl.where(cols == label, 1.0, 0.0))
         tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
@@ -119,9 +125,10 @@ def chunk_divergence_triton(
     ce_scale: float = 0.0,
     grad_dtype: torch.dtype | None = None,
     block: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """reference.chunk_divergence for forward_kl or reverse_kl; `block` (a power of 2) is the columns a program
-    reads at a time (default: up to 2048)."""
+    reads at a time (default: up to 2048); `weights` (rows,), one per row, scale each row's divergence."""
     if divergence not in ("forward_kl", "reverse_kl"):
         raise ValueError(f"the divergence kernel computes forward_kl and reverse_kl, not {divergence!r}: "
                          "use reference.chunk_divergence")
@@ -130,6 +137,8 @@ def chunk_divergence_triton(
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     if labels is not None and tuple(labels.shape) != (student_logits.shape[0],):
         raise ValueError(f"labels must have shape (rows,) = ({student_logits.shape[0]},), got {tuple(labels.shape)}")
+    if weights is not None and tuple(weights.shape) != (student_logits.shape[0],):
+        raise ValueError(f"weights must have shape (rows,) = ({student_logits.shape[0]},), got {tuple(weights.shape)}")
     s = student_logits if student_logits.stride(1) == 1 else student_logits.contiguous()
     t = teacher_logits if teacher_logits.stride(1) == 1 else teacher_logits.contiguous()
     n, V = s.shape
@@ -140,8 +149,9 @@ def chunk_divergence_triton(
     if n:
         _divergence_kernel[(n,)](
             s, t, grad, labels if labels is not None else div_rows, div_rows, ce_rows,
+            weights.contiguous() if weights is not None else div_rows,
             V, s.stride(0), t.stride(0), grad.stride(0), 1.0 / temperature, float(kl_scale), float(ce_scale),
-            REVERSE=divergence == "reverse_kl", HAS_CE=labels is not None, BLOCK=block,
+            REVERSE=divergence == "reverse_kl", HAS_CE=labels is not None, HAS_W=weights is not None, BLOCK=block,
             num_warps=8 if block >= 1024 else 4,
         )
     return div_rows.sum(), (ce_rows.sum() if labels is not None else None), grad

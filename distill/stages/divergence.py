@@ -35,13 +35,16 @@ def divergence_reference(
     beta: float = 0.5,
     labels: torch.Tensor | None = None,
     ce_weight: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The stage-3 loss on full logits (..., V), computed in the logits' dtype promoted to at least float32."""
+    """The stage-3 loss on full logits (..., V), computed in the logits' dtype promoted to at least float32;
+    `weights` (...,), one per token, scale each token's divergence (the mean over tokens stays a plain mean)."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(dtype).flatten(0, -2)
     t = teacher_logits.to(dtype).flatten(0, -2)
     use_ce = bool(ce_weight) and labels is not None
-    div, ce = chunk_sums(s, t, labels.flatten() if use_ce else None, divergence, beta, temperature)
+    flat_weights = weights.flatten() if weights is not None else None
+    div, ce = chunk_sums(s, t, labels.flatten() if use_ce else None, divergence, beta, temperature, flat_weights)
     n = s.shape[0]
     parts = {divergence: div / n * temperature**2}
     loss = parts[divergence]
@@ -60,7 +63,7 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, options):
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, weights, options):
         divergence, beta, temperature, ce_weight, chunk, dtype = options
         n = s_hidden.shape[0]
         want_w = s_weight.requires_grad
@@ -79,6 +82,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
             div, ce, g = kernels.chunk_divergence(
                 s_logits, t_logits, divergence, beta, temperature, kl_scale=temperature**2 / n,
                 labels=labels[rows] if labels is not None else None, ce_scale=ce_weight / n, grad_dtype=dtype,
+                weights=weights[rows] if weights is not None else None,
             )
             del s_logits, t_logits
             div_total += div
@@ -105,7 +109,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         dh = (grad_h * scale).to(h_dtype)
         dw = (grad_w * scale).to(w_dtype) if grad_w is not None else None
         db = (grad_b * scale).to(b_dtype) if grad_b is not None else None
-        return dh, dw, db, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None
 
 
 def fused_linear_divergence(
@@ -120,8 +124,10 @@ def fused_linear_divergence(
     ce_weight: float = 0.0,
     chunk_tokens: int = 1024,
     matmul_dtype: torch.dtype = torch.float32,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The stage-3 loss of `divergence_reference` on logits head(hidden), hidden states (n, H), in chunks.
+    """The stage-3 loss of `divergence_reference` on logits head(hidden), hidden states (n, H), in chunks;
+    `weights` (n,): each token's divergence times its weight (recall weighting, distill/recall.py).
 
     Gradients flow to `student_hidden` and to the student head's weight and bias where they require grad. The LM-head
     matmuls run in `matmul_dtype` (bf16 under bf16 training); softmax, divergence and accumulation in float32.
@@ -130,13 +136,16 @@ def fused_linear_divergence(
         raise ValueError(f"divergence {divergence!r} is not one of {DIVERGENCES}")
     if student_hidden.shape[0] != teacher_hidden.shape[0]:
         raise ValueError(f"{student_hidden.shape[0]} student tokens but {teacher_hidden.shape[0]} teacher tokens")
+    if weights is not None and tuple(weights.shape) != (student_hidden.shape[0],):
+        raise ValueError(f"weights must have one entry per token ({student_hidden.shape[0]}), got "
+                         f"{tuple(weights.shape)}")
     use_ce = bool(ce_weight) and labels is not None
     options = (divergence, beta, temperature, ce_weight, max(1, chunk_tokens), matmul_dtype)
     loss, div, ce = _FusedLinearDivergence.apply(
         student_hidden, student_head.weight, student_head.bias,
         teacher_hidden.detach(), teacher_head.weight.detach(),
         teacher_head.bias.detach() if teacher_head.bias is not None else None,
-        labels if use_ce else None, options,
+        labels if use_ce else None, weights.detach() if weights is not None else None, options,
     )
     parts = {divergence: div}
     if use_ce:

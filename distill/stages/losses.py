@@ -25,6 +25,8 @@ def stage_step(stage):
         divergence=stage.divergence,
         jsd_beta=stage.jsd_beta,
         chunk_tokens=stage.chunk_tokens,
+        recall_weight=stage.recall_weight,
+        recall_window=stage.recall_window,
     )
 
 

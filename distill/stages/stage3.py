@@ -1,5 +1,6 @@
 """Stage 3, end-to-end: the student's next-token distribution against the teacher's (forward KL, reverse KL or
-generalized JSD at temperature T, scaled by T^2), plus an optional cross-entropy weight on the true next tokens.
+generalized JSD at temperature T, scaled by T^2), plus an optional cross-entropy weight on the true next tokens;
+optionally weighted towards recall positions (distill/recall.py).
 
 The vocabulary-sized logits are never built whole: the loss is computed in token chunks from both models' final
 hidden states and LM heads (divergence.py), in float32 per chunk.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..recall import recall_weights
 from .common import StepResult, autocast, backward
 from .divergence import divergence_reference, fused_linear_divergence
 
@@ -37,7 +39,13 @@ def logits_step(
     divergence: str = "forward_kl",
     jsd_beta: float = 0.5,
     chunk_tokens: int = 1024,
+    recall_weight: float = 0.0,
+    recall_window: int = 256,
 ) -> StepResult:
+    extra = {}
+    weights = None
+    if recall_weight:  # recall positions weigh more (distill/recall.py); their share is logged
+        weights, extra["recall_share"] = recall_weights(input_ids, recall_weight, recall_window)
     with autocast(input_ids.device, precision):
         teacher_hidden = teacher.final_hidden(input_ids)
         student_hidden = student.model(input_ids=input_ids, use_cache=False).last_hidden_state
@@ -54,6 +62,8 @@ def logits_step(
         ce_weight=ce_weight,
         chunk_tokens=chunk_tokens,
         matmul_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        weights=weights,
     )
     backward(loss)
-    return StepResult(loss=loss.detach(), extra={("kl" if k == "forward_kl" else k): v for k, v in parts.items()})
+    extra.update({("kl" if k == "forward_kl" else k): v for k, v in parts.items()})
+    return StepResult(loss=loss.detach(), extra=extra)
