@@ -6,8 +6,9 @@
 #
 #   DISTILL_DATA_DIR=/path/to/data TEACHER_GGUF=/root/teacher/smollm2.gguf bash bench/hybrid_choice.sh [ROW ...]
 #
-# Rows: rankK (the ranking's first K layers, K = 1..6), even3 ([5,15,25]), fit3 ([0,2,11]: `distill inspect`'s
-# worst fits), pure (no attention); default: rank3 even3 fit3. PRESET (default gpu_smollm2_10min) sets the budget:
+# Rows: rankK (the ranking's first K layers, K = 1..RANK_KEEP; RANK_KEEP, default 6, is how many layers `distill
+# rank` chooses: 15 for a rank15 row), even3 ([5,15,25]), fit3 ([0,2,11]: `distill inspect`'s worst fits), pure (no
+# attention); default: rank3 even3 fit3. PRESET (default gpu_smollm2_10min) sets the budget:
 # its stage 1 and 2 tokens for the shared pure student, its stage 3 tokens for every row. RANK_OVERRIDES adds
 # overrides to `distill rank` (e.g. "recall_weight=2"). Rows are resumable as bench/quality.sh's are (a finished
 # run folder is trained no further); generation (GEN_TOKENS, default 8M) as there.
@@ -22,6 +23,14 @@ MIX="data.mix_path='$RUNS/gen/shard-*.jsonl.gz'"
 ROWS=("$@")
 [ ${#ROWS[@]} -gt 0 ] || ROWS=(rank3 even3 fit3)
 BASE="$RUNS/choice_s12"
+RANK_KEEP=${RANK_KEEP:-6}
+for row in "${ROWS[@]}"; do  # refused before any GPU time is spent
+  case $row in
+    rank[0-9]*) [ "${row#rank}" -le "$RANK_KEEP" ] || { echo "$row needs RANK_KEEP=${row#rank} or more" >&2; exit 2; } ;;
+    even3 | fit3 | pure) ;;
+    *) echo "unknown row $row" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$RUNS"
 stamp() { echo "=== $(date +%T) $*"; }
 source "$(dirname "$0")/rows_lib.sh"
@@ -35,10 +44,11 @@ stamp "stages 1-2 of the pure student"
 python3 -m distill train experiment="$PRESET" "${TEACHER[@]}" "$MIX" "pipeline=[stage1,stage2]" \
   "student.attention_layers=[]" run_dir="$BASE" \
   > "$BASE.train.log" 2>&1
-if [ ! -f "$BASE/rank/ranking.json" ]; then
-  stamp "rank"
+ranked_count() { python3 -c "import json; print(len(json.load(open('$BASE/rank/ranking.json'))['path']))"; }
+if [ ! -f "$BASE/rank/ranking.json" ] || [ "$(ranked_count)" -lt "$RANK_KEEP" ]; then
+  stamp "rank ($RANK_KEEP layers)"
   read -r -a extra <<< "${RANK_OVERRIDES:-}"
-  python3 -m distill rank checkpoint="$BASE" keep=6 "${extra[@]}" > "$BASE.rank.log" 2>&1
+  python3 -m distill rank checkpoint="$BASE" keep="$RANK_KEEP" "${extra[@]}" > "$BASE.rank.log" 2>&1
 fi
 ranked() {  # the first $1 layers of the greedy choice, as a list
   python3 -c "import json,sys; p=json.load(open('$BASE/rank/ranking.json'))['path']; \
@@ -46,11 +56,10 @@ print('[' + ','.join(str(l) for l in sorted(x['layer'] for x in p[:int(sys.argv[
 }
 for row in "${ROWS[@]}"; do
   case $row in
-    rank[1-6]) layers=$(ranked "${row#rank}") ;;
+    rank[0-9]*) layers=$(ranked "${row#rank}") ;;
     even3) layers="[5,15,25]" ;;
     fit3) layers="[0,2,11]" ;;
     pure) layers="[]" ;;
-    *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   dir="$RUNS/choice_$row"
   stamp "stage 3 of $row: attention layers $layers"
