@@ -168,6 +168,9 @@ class EvalCommandConfig:
     limit: float | None = None  # documents per task (or a fraction), passed to lm-eval
     batch_size: int = 8
     max_length: int = 2048
+    # Perplexity tasks (wikitext) score whole windows of max_length: at most this many tokens of them a batch, so
+    # that a large batch_size for the short tasks does not also mean batch_size full windows at once.
+    rolling_tokens: int = 32768
     device: str = "auto"
     precision: str = "bf16"  # bf16 casts the models to bfloat16 on CUDA; the CPU evaluates in float32
     out: str | None = None  # results stem (default: RUN/eval/results or runs/eval/<teacher>)

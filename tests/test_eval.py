@@ -326,3 +326,30 @@ def test_write_results(tmp_path):
     assert (json_path.name, md_path.name) == ("final.json", "final.md")
     assert json.loads(json_path.read_text()) == columns
     assert md_path.read_text() == results_table(columns)
+
+
+@needs_data
+def test_perplexity_windows_are_batched_by_tokens_and_score_the_same(monkeypatch):
+    """wikitext's windows go rolling_tokens // max_length at a time, whatever batch_size (the short tasks keep
+    batch_size), and the word perplexity is the one of batching them batch_size at a time."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny_llama_and_tokenizer()
+    seen = []
+    original = HFLM._loglikelihood_tokens
+
+    def spy(self, requests, disable_tqdm=False, override_bs=None):
+        seen.append(override_bs if override_bs is not None else self.batch_size)
+        return original(self, requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", spy)
+    capped = evaluate(model, tokenizer, ["distill_wikitext"], data_dir=DATA_DIR, limit=2, batch_size=16,
+                      max_length=64, device="cpu", rolling_tokens=192)
+    assert seen and max(seen) == 3 and len(seen) > 2  # 192 // 64 windows a batch, several batches
+    seen.clear()
+    whole = evaluate(model, tokenizer, ["distill_wikitext"], data_dir=DATA_DIR, limit=2, batch_size=16,
+                     max_length=64, device="cpu", rolling_tokens=None)
+    assert max(seen) == 16
+    a, b = capped["distill_wikitext"]["word_perplexity"], whole["distill_wikitext"]["word_perplexity"]
+    assert abs(a - b) < 1e-4 * b

@@ -128,6 +128,27 @@ def headline_metrics(task: str, task_results: Mapping[str, Any]) -> dict[str, fl
     return {m: float(task_results[f"{m},none"]) for m in metrics if f"{m},none" in task_results}
 
 
+def _lm(model: Any, tokenizer: Any, batch_size: int, max_length: int, rolling_tokens: int | None) -> Any:
+    """lm-eval's HFLM around `model`, with perplexity tasks' full windows (wikitext's rolling loglikelihood) batched
+    at most `rolling_tokens` tokens at a time. lm-eval batches those `batch_size` windows of max_length each, and
+    their logits and float32 log-softmax over the vocabulary (77 GB at 128 x 2048 x 49,152) would otherwise cap the
+    batch size of every short-context task, where larger batches pay most (fewer forwards of a launch-bound model)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class CappedRollingLM(HFLM):
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            if rolling_tokens is None:
+                return super().loglikelihood_rolling(requests, disable_tqdm)
+            full = self.batch_size_per_gpu
+            self.batch_size_per_gpu = max(1, min(full, rolling_tokens // self.max_length))
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm)
+            finally:
+                self.batch_size_per_gpu = full
+
+    return CappedRollingLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -137,6 +158,7 @@ def evaluate(
     batch_size: int = 8,
     max_length: int = 2048,
     device: str | None = None,
+    rolling_tokens: int | None = 32768,
     **simple_evaluate_kwargs: Any,
 ) -> dict[str, Any]:
     """Run lm-eval on `model` (a transformers causal LM) and return {task: {metric: value}} plus RAW_KEY.
@@ -145,10 +167,11 @@ def evaluate(
         download their data from the hub). data_dir: folder of the twins' files, else $DISTILL_DATA_DIR.
     limit: documents per task (an int) or a fraction (a float < 1); None evaluates everything.
     device: where to move the model first; None leaves it where it is (lm-eval then uses model.device).
+    rolling_tokens: tokens a batch of perplexity windows may hold (wikitext: rolling_tokens // max_length windows
+        of max_length), whatever batch_size; None: batch_size windows.
     simple_evaluate_kwargs: passed on to lm_eval.simple_evaluate (e.g. num_fewshot, bootstrap_iters).
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     names, metadata = check_tasks(tasks, data_dir)
@@ -159,7 +182,7 @@ def evaluate(
 
     if device is not None:
         model = model.to(device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = _lm(model, tokenizer, batch_size, max_length, rolling_tokens)
     options = {"log_samples": False, **simple_evaluate_kwargs}
     raw = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=task_manager, **options)
 
