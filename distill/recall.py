@@ -6,9 +6,9 @@ divergence barely asks for them. A position is a recall position when the token 
 sequence more than `window` tokens back and not within the last `window` tokens: the model can only get it from far
 context (a name, a rare word). Frequent words recur within any window and are left out by the second condition.
 With SmolLM2's tokenizer, on the offline NLTK texts in sequences of 2,048 tokens, 11-13% of the positions are
-recall positions at a window of 256 (the default), 25-30% at 64 and 44-51% at 16.
-The ids alone decide it, so it costs one comparison of each position's next token with the earlier tokens (b x L x L
-booleans, 64 MB at 16 x 2048), no teacher pass, and a CUDA graph can capture it.
+recall positions at a window of 256 (the default), 25-30% at 64 and 44-51% at 16. The ids alone decide it, so it
+costs one comparison of each position's next token with the earlier tokens (b x L x L booleans, 64 MB at 16 x
+2048), no teacher pass, and a CUDA graph can capture it.
 
 Weights are 1 + recall_weight at recall positions and 1 elsewhere, divided by their mean over the batch: the loss
 keeps its scale (a mean over tokens) and shifts its attention to recall tokens.

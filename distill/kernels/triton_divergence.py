@@ -3,8 +3,8 @@ an optional cross-entropy on the true next tokens.
 
 Same function as `reference.chunk_divergence` for divergence "forward_kl" or "reverse_kl" (the generalized JSD stays
 on the reference): for a chunk of rows of student logits s and teacher logits t (n, V), the sums over rows of the
-divergence (each row optionally weighted) and of the cross-entropy, and the gradient of kl_scale * divergence + ce_scale * cross-entropy with
-respect to s, written in the dtype the LM head's backward matmul wants.
+divergence (each row optionally weighted) and of the cross-entropy, and the gradient of kl_scale * divergence +
+ce_scale * cross-entropy with respect to s, written in the dtype the LM head's backward matmul wants.
 
 Why a kernel: through PyTorch the chunk is about fifteen passes over (rows x vocabulary) float32 tensors (the
 logits' upcasts, the division by the temperature, two log-softmaxes, exp, products, sums, their autograd, the
