@@ -18,7 +18,8 @@ for `align`, in_proj's product at its own odd width; for `divergence`, the chunk
 autograd; `out_norm`, the Mamba-2 form's output norm alone, for a mamba2 first form): what each of the step's kernels buys, measured in one run. `--stage1-fp32` adds a stage-1 row with B
 and C upcast to float32 before the fused loss (the step before 2026-12-02). `--chunk-tokens 4096,1024` times stage 3
 at each divergence chunk (the first is used for the other rows); `--forms discrete,mamba2` adds the eager stage rows of
-each further student form (the first form gets every row).
+each further student form (the first form gets every row); `--attention "8,20,23;..."` adds stage-3 rows of hybrids
+that keep those layers as attention (the quality rows' hybrids ran stage 3 slower than the pure student).
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ def main() -> None:
                         help="add a stage-1 row with B and C upcast to float32 before the loss (as before 2026-12-02)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every row this many times, in turn, and report each row's median")
+    parser.add_argument("--attention", default="",
+                        help='stage-3 rows of hybrids too (eager and graph), e.g. "8,20,23;1,8,17,20,23,24"')
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -241,6 +244,11 @@ def main() -> None:
         other = build_student(teacher, StudentConfig(form=form), attention_layers=[]).to(device)
         for name, cfg, trainable in stages:
             measures.append(timed(f"{name}, {form} form", stage_step(cfg), trainable, other, teacher, ids))
+    for layers in ([int(i) for i in h.split(",")] for h in args.attention.split(";") if h.strip()):
+        hybrid = build_student(teacher, StudentConfig(form=forms[0]), attention_layers=layers).to(device)
+        for graph in modes:
+            measures.append(timed(f"stage 3, attention kept at {layers}", stage_step(stages[2][1]), stages[2][2],
+                                  hybrid, teacher, ids, graph=graph))
     if args.stage1_fp32:
         measures.append(within(stage1_bc_float32, timed(f"{stages[0][0]}, B and C in float32",
                                                         stage_step(stages[0][1]), stages[0][2], student, teacher, ids)))
