@@ -98,11 +98,14 @@ class StageConfig:
     on_policy: float = 0.0
     on_policy_tokens: int = 256
     on_policy_temperature: float = 1.0
-    # logits: extra weight on recall positions, those whose next token appeared more than recall_window tokens back
-    # and not since (distill/recall.py): 1 + recall_weight there, 1 elsewhere, renormalised to mean 1. 0: a plain
-    # mean. At a window of 256, 11-13% of the positions of the offline NLTK texts are recall positions (64: 25-30%).
+    # logits: extra weight on recall positions, where the teacher loses more than recall_margin nats on the true
+    # next token once its attention sees only the last recall_window tokens (+ the first recall_sink): 1 +
+    # recall_weight there, 1 elsewhere, renormalised to mean 1 (distill/recall.py; `distill rank`'s definition).
+    # Costs a second, windowed teacher forward a step. 0: a plain mean.
     recall_weight: float = 0.0
-    recall_window: int = 256
+    recall_window: int = 16
+    recall_sink: int = 4
+    recall_margin: float = 1.0
 
 
 @dataclass
@@ -321,11 +324,13 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"stages.{name}.recall_weight={st.recall_weight} must be a number >= 0")
             if st.loss != "logits":
                 raise ConfigError(f"stages.{name}.recall_weight applies to the logits loss (stage 3); set it to 0 here")
-            if not 0 < st.recall_window < st.seq_len - 1:
+            if not 0 < st.recall_window < st.seq_len:
                 raise ConfigError(
-                    f"stages.{name}.recall_window={st.recall_window} must be between 1 and seq_len - 2 "
-                    f"({st.seq_len - 2}): a recall position's token last appeared further back than that"
+                    f"stages.{name}.recall_window={st.recall_window} must be between 1 and seq_len - 1 "
+                    f"({st.seq_len - 1}): the teacher's attention window that finds the recall positions"
                 )
+            if st.recall_sink < 0 or not st.recall_margin >= 0:
+                raise ConfigError(f"stages.{name}.recall_sink and recall_margin must be >= 0")
         if st.on_policy:
             if not 0 <= st.on_policy <= 1:
                 raise ConfigError(f"stages.{name}.on_policy={st.on_policy}: give the fraction of steps, 0 to 1")

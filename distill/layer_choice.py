@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .kernels.reference import token_divergence
+from .recall import recall_positions
 from .stages.common import autocast
 from .stages.divergence import head_logits
 
@@ -62,14 +63,6 @@ class HeldOut:
         return sum(int(r.sum()) for r in self.recall) / max(1, n)
 
 
-def window_mask(length: int, window: int, sink: int, device) -> torch.Tensor:
-    """(1, 1, L, L) bool, True where query i may attend key j: causal, and j within the last `window` positions
-    (i - j < window) or among the first `sink` (attention sinks, which windowed models keep)."""
-    i = torch.arange(length, device=device)[:, None]
-    j = torch.arange(length, device=device)[None, :]
-    return ((j <= i) & ((i - j < window) | (j < sink)))[None, None]
-
-
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -77,14 +70,6 @@ def _chunks(n: int, size: int):
 
 def _logits(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
     return head_logits(hidden, head.weight, head.bias, torch.float32)
-
-
-def true_token_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk: int = 4096):
-    """log p(target) per position from final hidden states (n, H), a chunk of positions at a time (float32)."""
-    out = torch.empty(hidden.shape[0], device=hidden.device)
-    for s in _chunks(hidden.shape[0], chunk):
-        out[s] = torch.log_softmax(_logits(hidden[s], head), -1).gather(-1, targets[s, None])[:, 0]
-    return out
 
 
 def token_kl(student_hidden, student_head, teacher_hidden, teacher_head, chunk: int = 4096) -> torch.Tensor:
@@ -102,16 +87,11 @@ def held_out(teacher, batches: list[torch.Tensor], precision: str, window: int, 
     """The teacher's final hidden states on `batches`, and the recall positions (see the module's docstring)."""
     hidden, recall = [], []
     for ids in batches:
-        targets = ids[:, 1:].flatten()
         with autocast(ids.device, precision):
             full = teacher.model.model(input_ids=ids, use_cache=False).last_hidden_state
-            mask = window_mask(ids.shape[1], window, sink, ids.device)
-            local = teacher.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        gain = true_token_logprobs(full[:, :-1].flatten(0, 1), teacher.lm_head, targets) - true_token_logprobs(
-            local[:, :-1].flatten(0, 1), teacher.lm_head, targets
-        )
+            positions = recall_positions(teacher, ids, full, window, sink, margin)
         hidden.append(full)
-        recall.append((gain > margin).view(ids.shape[0], -1))
+        recall.append(positions)
     return HeldOut(list(batches), hidden, recall)
 
 

@@ -65,7 +65,7 @@ def _stage_setup(student, loss):
 def test_captured_step_equals_eager_step(tiny_llama, loss):
     """Five scheduled steps replayed from one CUDA graph give the eager trainer's losses, gradient norms and
     weights; the warm-up before the capture leaves no trace. logits_recall: stage 3 with recall weights, computed
-    from each batch's ids inside the graph."""
+    inside the graph from each batch by the windowed teacher."""
     recall = loss == "logits_recall"
     loss = "logits" if recall else loss
     from distill.graph_step import capture_step, lambda_schedule, make_adamw
@@ -76,9 +76,11 @@ def test_captured_step_equals_eager_step(tiny_llama, loss):
         for i in base.ssd_layers:
             base.mixer(i).in_proj.bias[: base.mixer(i).x_width].fill_(1.0)
     g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
-    # Recall weighting: tokens of 40 of the 257, so that recall positions occur and differ from batch to batch.
-    batches = [torch.randint(0, 40 if recall else 257, (2, 160), device="cuda", generator=g) for _ in range(5)]
-    step = stage_step(StageConfig(loss=loss, tokens=1, recall_weight=3.0 if recall else 0.0, recall_window=16))
+    batches = [torch.randint(0, 257, (2, 160), device="cuda", generator=g) for _ in range(5)]
+    # Recall weighting with margin 0: about half the positions (those the windowed teacher is less sure of), which
+    # differ from batch to batch, so the graph must compute them from each batch.
+    step = stage_step(StageConfig(loss=loss, tokens=1, recall_weight=3.0 if recall else 0.0, recall_window=16,
+                                  recall_margin=0.0))
     runs = {}
     for graphs in (False, True):
         student = copy.deepcopy(base)

@@ -8,10 +8,10 @@ import torch
 
 from distill.cli import main
 from distill.config import ConfigError, StudentConfig
-from distill.layer_choice import (HeldOut, choose_layers, held_out, hybrid_view, measure, token_kl,
-                                  true_token_logprobs, window_mask)
+from distill.layer_choice import HeldOut, choose_layers, held_out, hybrid_view, measure, token_kl
 from distill.models.teachers import load_teacher
 from distill.models.transfer import adopt_trained_layers, build_student
+from distill.recall import true_token_logprobs, window_mask
 from distill.run_folder import load_run
 from tests.conftest import teacher_config
 

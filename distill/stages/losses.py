@@ -27,6 +27,8 @@ def stage_step(stage):
         chunk_tokens=stage.chunk_tokens,
         recall_weight=stage.recall_weight,
         recall_window=stage.recall_window,
+        recall_sink=stage.recall_sink,
+        recall_margin=stage.recall_margin,
     )
 
 
