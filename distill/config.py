@@ -272,6 +272,16 @@ def config_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "conf"
 
 
+def _stage3_option(name: str, st: StageConfig, option: str, length: str, why: str) -> None:
+    """An option of the logits loss that is set: refused on another loss; its `length` setting within a sequence."""
+    if st.loss != "logits":
+        raise ConfigError(f"stages.{name}.{option} applies to the logits loss (stage 3); set it to 0 here")
+    if not 0 < getattr(st, length) < st.seq_len:
+        raise ConfigError(
+            f"stages.{name}.{length}={getattr(st, length)} must be between 1 and seq_len - 1 ({st.seq_len - 1}): {why}"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no model; raises ConfigError naming the key to change."""
     s = cfg.student
@@ -322,25 +332,15 @@ def validate(cfg: Config) -> None:
         if st.recall_weight:
             if not st.recall_weight > 0:
                 raise ConfigError(f"stages.{name}.recall_weight={st.recall_weight} must be a number >= 0")
-            if st.loss != "logits":
-                raise ConfigError(f"stages.{name}.recall_weight applies to the logits loss (stage 3); set it to 0 here")
-            if not 0 < st.recall_window < st.seq_len:
-                raise ConfigError(
-                    f"stages.{name}.recall_window={st.recall_window} must be between 1 and seq_len - 1 "
-                    f"({st.seq_len - 1}): the teacher's attention window that finds the recall positions"
-                )
+            _stage3_option(name, st, "recall_weight", "recall_window",
+                           "the teacher's attention window that finds the recall positions")
             if st.recall_sink < 0 or not st.recall_margin >= 0:
                 raise ConfigError(f"stages.{name}.recall_sink and recall_margin must be >= 0")
         if st.on_policy:
             if not 0 <= st.on_policy <= 1:
                 raise ConfigError(f"stages.{name}.on_policy={st.on_policy}: give the fraction of steps, 0 to 1")
-            if st.loss != "logits":
-                raise ConfigError(f"stages.{name}.on_policy applies to the logits loss (stage 3); set it to 0 here")
-            if not 0 < st.on_policy_tokens < st.seq_len:
-                raise ConfigError(
-                    f"stages.{name}.on_policy_tokens={st.on_policy_tokens} must be between 1 and seq_len - 1 "
-                    f"({st.seq_len - 1}): the student writes that many tokens after the rest as a prompt"
-                )
+            _stage3_option(name, st, "on_policy", "on_policy_tokens",
+                           "the student writes that many tokens after the rest as a prompt")
             if not st.on_policy_temperature > 0:
                 raise ConfigError(f"stages.{name}.on_policy_temperature={st.on_policy_temperature} must be positive")
             if cfg.trainer.deepspeed:
