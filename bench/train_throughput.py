@@ -19,7 +19,8 @@ autograd; `out_norm`, the Mamba-2 form's output norm alone, for a mamba2 first f
 and C upcast to float32 before the fused loss (the step before 2026-12-02). `--chunk-tokens 4096,1024` times stage 3
 at each divergence chunk (the first is used for the other rows); `--forms discrete,mamba2` adds the eager stage rows of
 each further student form (the first form gets every row); `--attention "8,20,23;..."` adds stage-3 rows of hybrids
-that keep those layers as attention (the quality rows' hybrids ran stage 3 slower than the pure student).
+that keep those layers as attention (the quality rows' hybrids ran stage 3 slower than the pure student); `--recall`
+a stage-3 row with `recall_weight` (its second, windowed teacher forward).
 """
 
 from __future__ import annotations
@@ -188,6 +189,8 @@ def main() -> None:
                         help="time every row this many times, in turn, and report each row's median")
     parser.add_argument("--attention", default="",
                         help='stage-3 rows of hybrids too (eager and graph), e.g. "8,20,23;1,8,17,20,23,24"')
+    parser.add_argument("--recall", action="store_true",
+                        help="a stage-3 row with recall weighting (a second, windowed teacher forward a step)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -249,6 +252,11 @@ def main() -> None:
         for graph in modes:
             measures.append(timed(f"stage 3, attention kept at {layers}", stage_step(stages[2][1]), stages[2][2],
                                   hybrid, teacher, ids, graph=graph))
+    if args.recall:
+        recall_cfg = StageConfig(loss="logits", tokens=1, chunk_tokens=chunks[0], recall_weight=2.0)
+        for graph in modes:
+            measures.append(timed("stage 3 with recall weighting", stage_step(recall_cfg), stages[2][2], student,
+                                  teacher, ids, graph=graph))
     if args.stage1_fp32:
         measures.append(within(stage1_bc_float32, timed(f"{stages[0][0]}, B and C in float32",
                                                         stage_step(stages[0][1]), stages[0][2], student, teacher, ids)))
