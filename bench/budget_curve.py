@@ -143,11 +143,21 @@ def main(argv: list[str] | None = None) -> dict:
                 ax.plot(*zip(*have), marker="o", linestyle="none", color=f"C{i}", label=name)
             if (name, key) in lines:
                 (a, b), xs = lines[name, key], [have[0][0], have[-1][0]]
+                at_goal = reach[name].get(key)
+                if at_goal is not None and have[-1][0] < at_goal <= 1e12:
+                    xs.append(at_goal)  # the extrapolation, dashed, to where the line meets the goal
                 ys = [a + b * math.log10(x) for x in xs]
-                ax.plot(xs, [10 ** y for y in ys] if logged else ys, color=f"C{i}", linewidth=1)
+                ys = [10 ** y for y in ys] if logged else ys
+                ax.plot(xs[:2], ys[:2], color=f"C{i}", linewidth=1)
+                if len(xs) == 3:
+                    ax.plot(xs[1:], ys[1:], color=f"C{i}", linewidth=1, linestyle="--")
+                    ax.annotate(f"{at_goal:.2g}", (xs[2], ys[2]), textcoords="offset points", xytext=(4, 4),
+                                fontsize=8, color=f"C{i}")
         ax.axhline(teacher[key], color="black", linestyle="--", linewidth=1, label="teacher")
         ax.axhline(goals[key], color="gray", linestyle=":", linewidth=1, label="goal")
         ax.set_xscale("log")
+        if logged:
+            ax.set_yscale("log")  # the fitted power law is a straight line here
         ax.set_xlabel("training tokens")
         ax.set_title(label)
         ax.legend(fontsize=8)

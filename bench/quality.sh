@@ -15,7 +15,8 @@
 # recipe_on_policy (a quarter of stage 3's steps end in 256 tokens the student writes itself), recipe_recall
 # (positions where the teacher needs far context, ~29%, weigh 3x in stage 3's divergence: distill/recall.py; a
 # second, windowed teacher forward a step), recipe_seq4096 (stage 3 on sequences of 4,096 tokens, 8 a batch: the
-# same tokens a step); whole
+# same tokens a step), recipe_lr2x_ce (lr2x and ce together), recipe_rank3 / recipe_rank3_lr2x (the hybrid keeping
+# attention at `distill rank`'s [8, 20, 23], stage 3 from the same pure stages 1-2, at lr 3e-4 / 6e-4); whole
 # pipelines: recipe_b_per_head (one B per head), recipe_mohawk_shares (MOHAWK's 3% / 5% / 92% of the same total
 # tokens). Each with _10min too (recipe_s12_10min first), e.g. `bash bench/quality.sh recipe_s12 recipe_base recipe_jsd`.
 # Without TEACHER_GGUF the teacher comes from conf/teacher/smollm2.yaml (PyPI). A row whose run folder is finished is
@@ -86,6 +87,10 @@ overrides() {  # a row's preset and overrides
     recipe_on_policy) echo "${stage3}stages.stage3.on_policy=0.25 stages.stage3.on_policy_tokens=256" ;;
     recipe_recall) echo "${stage3}stages.stage3.recall_weight=2.0" ;;
     recipe_seq4096) echo "${stage3}stages.stage3.seq_len=4096 stages.stage3.batch_size=8" ;;
+    recipe_lr2x_ce) echo "${stage3}stages.stage3.lr=6.0e-4 stages.stage3.ce_weight=0.5" ;;
+    # the hybrid of `distill rank`'s first three layers (bench/runs/choice_s12's ranking), from the pure stages 1-2
+    recipe_rank3) echo "${stage3}student.attention_layers=[8,20,23]" ;;
+    recipe_rank3_lr2x) echo "${stage3}student.attention_layers=[8,20,23] stages.stage3.lr=6.0e-4" ;;
     recipe_b_per_head) echo "experiment=gpu_smollm2 student.b_per_head=true" ;;
     # 19 + 32 + 589 steps of 16 x 2048: the preset's 640 steps in all, shared 3% / 5% / 92%
     recipe_mohawk_shares) echo "experiment=gpu_smollm2 stages.stage1.tokens=622592 stages.stage2.tokens=1048576 stages.stage3.tokens=19300352" ;;
