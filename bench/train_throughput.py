@@ -20,7 +20,8 @@ and C upcast to float32 before the fused loss (the step before 2026-12-02). `--c
 at each divergence chunk (the first is used for the other rows); `--forms discrete,mamba2` adds the eager stage rows of
 each further student form (the first form gets every row); `--attention "8,20,23;..."` adds stage-3 rows of hybrids
 that keep those layers as attention (the quality rows' hybrids ran stage 3 slower than the pure student); `--recall`
-a stage-3 row with `recall_weight` (its second, windowed teacher forward).
+a stage-3 row with `recall_weight` (its second, windowed teacher forward); `--divergences reverse_kl,jsd` stage-3 rows
+with those divergences (the screen's JSD row trained at 0.59x forward KL's rate on the PyTorch reference).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from distill import kernels  # noqa: E402
 from distill.cli import compose  # noqa: E402
 from distill.config import StageConfig, StudentConfig, TeacherConfig  # noqa: E402
 from distill.kernels import reference  # noqa: E402
+from distill.kernels.reference import DIVERGENCES  # noqa: E402
 from distill.models.student.modeling_distill import AlignedLinear, RMSNorm  # noqa: E402
 from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
@@ -191,6 +193,8 @@ def main() -> None:
                         help='stage-3 rows of hybrids too (eager and graph), e.g. "8,20,23;1,8,17,20,23,24"')
     parser.add_argument("--recall", action="store_true",
                         help="a stage-3 row with recall weighting (a second, windowed teacher forward a step)")
+    parser.add_argument("--divergences", default="",
+                        help='stage-3 rows with other divergences too, e.g. "reverse_kl,jsd" (forward_kl is the base row)')
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -257,6 +261,13 @@ def main() -> None:
         for graph in modes:
             measures.append(timed("stage 3 with recall weighting", stage_step(recall_cfg), stages[2][2], student,
                                   teacher, ids, graph=graph))
+    for divergence in (d for d in args.divergences.split(",") if d):
+        if divergence not in DIVERGENCES:
+            sys.exit(f"--divergences {divergence}: choose among {','.join(DIVERGENCES)}")
+        cfg = StageConfig(loss="logits", tokens=1, chunk_tokens=chunks[0], divergence=divergence)
+        for graph in modes:
+            measures.append(timed(f"stage 3, {divergence}", stage_step(cfg), stages[2][2], student, teacher, ids,
+                                  graph=graph))
     if args.stage1_fp32:
         measures.append(within(stage1_bc_float32, timed(f"{stages[0][0]}, B and C in float32",
                                                         stage_step(stages[0][1]), stages[0][2], student, teacher, ids)))

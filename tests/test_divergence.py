@@ -34,7 +34,7 @@ def _case(n=37, H=16, V=53, bias=True):
     "divergence, backend",
     [("forward_kl", "auto"), ("reverse_kl", "auto"), ("jsd", "auto"),
      # the chunk's divergence through the Triton kernel (Triton's interpreter on a CPU)
-     ("forward_kl", "triton"), ("reverse_kl", "triton")],
+     ("forward_kl", "triton"), ("reverse_kl", "triton"), ("jsd", "triton")],
 )
 @pytest.mark.parametrize("bias, weighted", [(True, False), (False, False), (True, True)])
 def test_fused_matches_float64_reference(divergence, backend, bias, weighted, monkeypatch):

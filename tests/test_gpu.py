@@ -18,7 +18,7 @@ from distill.stages import stage_step, trainable_parameters
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def run_step(student, teacher, ids, loss, backend):
+def run_step(student, teacher, ids, loss, backend, divergence="forward_kl"):
     kernels.set_backend(backend)
     try:
         student.zero_grad(set_to_none=True)
@@ -27,23 +27,27 @@ def run_step(student, teacher, ids, loss, backend):
             p.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
-        result = stage_step(StageConfig(loss=loss, tokens=1))(student, teacher, ids, "fp32").to_floats()
+        jsd = {"jsd_beta": 0.3, "temperature": 2.0} if divergence == "jsd" else {}
+        cfg = StageConfig(loss=loss, tokens=1, divergence=divergence, **jsd)
+        result = stage_step(cfg)(student, teacher, ids, "fp32").to_floats()
         return result, {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
     finally:
         kernels.set_backend("auto")
 
 
-@pytest.mark.parametrize("loss", ["matrix", "logits"])
+@pytest.mark.parametrize("loss", ["matrix", "logits", "logits_jsd"])
 @pytest.mark.parametrize("form", ["discrete", "mamba2"])
 def test_fused_path_matches_reference(tiny_llama, loss, form):
+    """logits_jsd: stage 3 with the generalized JSD (beta 0.3, T = 2), which the divergence kernel computes too."""
+    loss, divergence = ("logits", "jsd") if loss == "logits_jsd" else (loss, "forward_kl")
     teacher = tiny_llama.to("cuda")
     student = build_student(teacher, StudentConfig(form=form), attention_layers=[1]).cuda()
     with torch.no_grad():  # open the gates so stage 3 sees the SSD layers
         for i in student.ssd_layers:
             student.mixer(i).in_proj.bias[: student.mixer(i).x_width].fill_(1.0)
     ids = torch.randint(0, 257, (2, 200), device="cuda")  # several chunks, not a multiple of 64
-    fused, fused_grads = run_step(student, teacher, ids, loss, "triton")
-    ref, ref_grads = run_step(student, teacher, ids, loss, "torch")
+    fused, fused_grads = run_step(student, teacher, ids, loss, "triton", divergence)
+    ref, ref_grads = run_step(student, teacher, ids, loss, "torch", divergence)
     assert abs(fused.loss - ref.loss) <= 2e-3 * abs(ref.loss)
     assert fused_grads.keys() == ref_grads.keys() and fused_grads
     for name, g in ref_grads.items():

@@ -472,30 +472,35 @@ def test_swiglu_matches_reference(shape, dtype, gate_slice) -> None:
         ("reverse_kl", 1.0, True, torch.bfloat16, 5003, None, False),  # the default block (2048) and its 8 warps
         ("forward_kl", 1.5, True, torch.float32, 333, 64, True),  # per-row weights (recall weighting)
         ("reverse_kl", 1.0, False, torch.float32, 333, 64, True),
+        # the generalized JSD (beta = 0.3: not symmetric), with and without the cross-entropy and weights
+        ("jsd", 2.0, False, torch.float32, 333, 64, False),
+        ("jsd", 2.0, True, torch.float32, 333, 64, True),
+        ("jsd", 1.0, True, torch.bfloat16, 333, 64, False),
+        ("jsd", 0.7, False, torch.float32, 333, 64, True),
     ],
 )
 def test_chunk_divergence_matches_reference(divergence, temperature, ce, dtype, V, block, weighted) -> None:
     """Sums and the student-logit gradient against the float64 reference, vocabulary not a multiple of the block
     (several blocks a row), student logits a strided view, one ignored label; per-row weights where marked."""
     g = torch.Generator().manual_seed(next(_seeds))
-    n = 7
+    n, beta = 7, 0.3  # beta: the JSD's teacher weight (the KLs ignore it)
     weights = torch.rand(n, generator=g, dtype=F64) * 3 if weighted else None
     wide = torch.randn(n, V + 11, generator=g, dtype=F64) * 4
     s, t = wide[:, 5 : 5 + V], torch.randn(n, V, generator=g, dtype=F64) * 4
     labels = torch.randint(0, V, (n,), generator=g)
     labels[3] = -100
     kl_scale, ce_scale = 0.37, 0.21
-    ref = reference.chunk_divergence(s, t, divergence, 0.5, temperature, kl_scale, labels if ce else None,
+    ref = reference.chunk_divergence(s, t, divergence, beta, temperature, kl_scale, labels if ce else None,
                                      ce_scale, F64, weights)
     dev_s, dev_t = wide.to(DEVICE, dtype)[:, 5 : 5 + V], t.to(DEVICE, dtype)
     assert not dev_s.is_contiguous()
     div, ce_sum, grad = triton_divergence.chunk_divergence_triton(
-        dev_s, dev_t, divergence, 0.5, temperature, kl_scale, labels.to(DEVICE) if ce else None, ce_scale,
+        dev_s, dev_t, divergence, beta, temperature, kl_scale, labels.to(DEVICE) if ce else None, ce_scale,
         torch.float32, block=block, weights=weights.to(DEVICE, torch.float32) if weighted else None,
     )
     # bf16 logits: the reference sees the same rounded values, so only the kernel's float32 arithmetic differs.
     if dtype != F64:
-        ref = reference.chunk_divergence(dev_s.double().cpu(), dev_t.double().cpu(), divergence, 0.5, temperature,
+        ref = reference.chunk_divergence(dev_s.double().cpu(), dev_t.double().cpu(), divergence, beta, temperature,
                                          kl_scale, labels if ce else None, ce_scale, F64, weights)
     tol = TOL[torch.float32]
     assert grad.dtype == torch.float32 and grad.shape == (n, V)
@@ -504,7 +509,71 @@ def test_chunk_divergence_matches_reference(divergence, temperature, ce, dtype, 
         assert abs(ce_sum.item() - ref[1].item()) / abs(ref[1].item()) < tol
     else:
         assert ce_sum is None
+    # The JSD's gradient on a sharp row is p_top (c - r_top), a small difference: at T = 0.7 float32 itself is off by
+    # up to ~2.6e-4 there (autograd in float32; the kernel about half that, 1 input in ~300 above 1e-4).
+    assert rel_err(grad, ref[2]) < (3e-4 if divergence == "jsd" and temperature < 1 else tol)
+
+
+def _peaked_logits(g: torch.Generator, n: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (student, teacher) logits (n, V) whose softmaxes at T <= 2 underflow in float32 over most of the
+    vocabulary: row 0 a teacher sure of one token, row 1 a student sure of one, row 2 both sure of the same one,
+    row 3 both sure of different ones, the rest ordinary."""
+    s, t = torch.randn(n, V, generator=g, dtype=F64) * 4, torch.randn(n, V, generator=g, dtype=F64) * 4
+    t[0] = -300.0 + t[0]
+    t[0, 5] = 300.0
+    s[1] = -300.0 + s[1]
+    s[1, 9] = 300.0
+    s[2], t[2] = -300.0 + s[2], -300.0 + t[2]
+    s[2, 3], t[2, 3] = 280.0, 300.0
+    s[3], t[3] = -300.0 + s[3], -300.0 + t[3]
+    s[3, 1], t[3, 2] = 300.0, 300.0
+    return s, t
+
+
+@pytest.mark.parametrize("weighted, ce", [(False, False), (True, True)])
+def test_chunk_divergence_jsd_peaked_distributions(weighted, ce) -> None:
+    """The JSD where p_t or p_s underflow (log m by a stable logaddexp): finite, and the float64 reference's sums and
+    gradient, at beta = 0.3 and T = 2."""
+    g = torch.Generator().manual_seed(next(_seeds))
+    n, V, beta, T = 6, 37, 0.3, 2.0
+    s, t = _peaked_logits(g, n, V)
+    weights = torch.rand(n, generator=g, dtype=F64) * 3 + 0.1 if weighted else None
+    labels = torch.randint(0, V, (n,), generator=g) if ce else None
+    div, ce_sum, grad = triton_divergence.chunk_divergence_triton(
+        s.to(DEVICE, torch.float32), t.to(DEVICE, torch.float32), "jsd", beta, T, 0.37, labels, 0.21, torch.float32,
+        block=16, weights=weights.to(DEVICE, torch.float32) if weighted else None,
+    )
+    ref = reference.chunk_divergence(s, t, "jsd", beta, T, 0.37, labels, 0.21, F64, weights)
+    tol = TOL[torch.float32]
+    assert torch.isfinite(div) and abs(div.item() - ref[0].item()) / abs(ref[0].item()) < tol
+    if ce:
+        assert abs(ce_sum.item() - ref[1].item()) / abs(ref[1].item()) < tol
     assert rel_err(grad, ref[2]) < tol
+    # Each peaked row on its own (the ordinary rows would hide an error there).
+    for row in range(4):
+        _, _, g_row = triton_divergence.chunk_divergence_triton(
+            s[row : row + 1].to(DEVICE, torch.float32), t[row : row + 1].to(DEVICE, torch.float32), "jsd", beta, T,
+            grad_dtype=torch.float32, block=16)
+        r_row = reference.chunk_divergence(s[row : row + 1], t[row : row + 1], "jsd", beta, T, grad_dtype=F64)[2]
+        assert (g_row.double().cpu() - r_row).abs().max().item() < tol * max(r_row.abs().max().item(), 1e-6), row
+
+
+def test_jsd_gradient_closed_form_matches_autograd() -> None:
+    """The kernel's hand-derived JSD gradient, d/ds_j = (1 - beta) / T * p_s_j (c - r_j) with r = log m - log p_s and
+    c = sum_k p_s_k r_k, and its divergence sum, in float64 against autograd on reference.chunk_divergence."""
+    g = torch.Generator().manual_seed(next(_seeds))
+    beta, T = 0.3, 2.0
+    s, t = _peaked_logits(g, 8, 53)
+    a, b = F.log_softmax(s / T, dim=-1), F.log_softmax(t / T, dim=-1)
+    d = b - a
+    r = torch.logaddexp(torch.full_like(d, torch.log1p(torch.tensor(-beta, dtype=F64)).item()),
+                        torch.log(torch.tensor(beta, dtype=F64)) + d)
+    c = (a.exp() * r).sum(-1, keepdim=True)
+    div = (beta * (b.exp() * (d - r)).sum(-1) - (1 - beta) * c[:, 0]).sum()
+    grad = (1 - beta) / T * a.exp() * (c - r)
+    ref_div, _, ref_grad = reference.chunk_divergence(s, t, "jsd", beta, T, grad_dtype=F64)
+    assert abs(div.item() - ref_div.item()) < 1e-12 * abs(ref_div.item())
+    assert rel_err(grad, ref_grad) < 1e-12
 
 
 def test_chunk_divergence_dispatch_and_bad_input() -> None:
@@ -512,13 +581,15 @@ def test_chunk_divergence_dispatch_and_bad_input() -> None:
 
     g = torch.Generator().manual_seed(next(_seeds))
     s, t = torch.randn(3, 50, generator=g), torch.randn(3, 50, generator=g)
-    # The JSD always takes the reference; the gradient comes in the dtype asked for.
+    # The JSD takes the kernel on CUDA, the reference elsewhere; the gradient comes in the dtype asked for.
     div, ce, grad = kernels.chunk_divergence(s.to(DEVICE), t.to(DEVICE), "jsd", 0.3, grad_dtype=torch.bfloat16)
     ref = reference.chunk_divergence(s, t, "jsd", 0.3)
     assert grad.dtype == torch.bfloat16 and ce is None
     assert abs(div.item() - ref[0].item()) < 1e-5 * abs(ref[0].item())
-    with pytest.raises(ValueError, match="forward_kl and reverse_kl"):
-        triton_divergence.chunk_divergence_triton(s, t, "jsd")
+    with pytest.raises(ValueError, match="forward_kl, reverse_kl and jsd"):
+        triton_divergence.chunk_divergence_triton(s, t, "tvd")
+    with pytest.raises(ValueError, match="0 < beta < 1"):
+        triton_divergence.chunk_divergence_triton(s, t, "jsd", 1.0)
     with pytest.raises(ValueError, match="rows, vocabulary"):
         triton_divergence.chunk_divergence_triton(s, t[:, :7])
     with pytest.raises(ValueError, match="weights must have shape"):

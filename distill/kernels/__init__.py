@@ -135,8 +135,9 @@ def swiglu(gate, up):
 def chunk_divergence(student_logits, teacher_logits, divergence="forward_kl", beta=0.5, temperature=1.0,
                      kl_scale=1.0, labels=None, ce_scale=0.0, grad_dtype=None, weights=None):
     """Stage 3 on a chunk of logits: (divergence sum, cross-entropy sum or None, gradient for the student logits);
-    see reference.chunk_divergence. The kernel computes forward and reverse KL; the JSD takes the reference."""
-    kernel = _use_triton(student_logits, "divergence") if divergence in ("forward_kl", "reverse_kl") else None
+    see reference.chunk_divergence. The kernel computes every divergence the reference knows (forward and reverse
+    KL, the generalized JSD)."""
+    kernel = _use_triton(student_logits, "divergence")
     if kernel is not None:
         return kernel(student_logits, teacher_logits, divergence, beta, temperature, kl_scale, labels, ce_scale,
                       grad_dtype, weights=weights)

@@ -4,8 +4,8 @@
 `divergence_reference` is the definition, on full logits (float64 in tests). `fused_linear_divergence` computes the
 same loss from the final hidden states and the LM heads, a chunk of tokens at a time: each chunk's logits are
 built, the loss and its gradient with respect to that chunk's student logits are taken (`distill.kernels.
-chunk_divergence`: a Triton kernel on CUDA for forward and reverse KL, else the PyTorch reference, whose math is the
-one `divergence_reference` uses), the gradient is pushed through the student's LM head at once, and the chunk's
+chunk_divergence`: a Triton kernel on CUDA for every divergence below, else the PyTorch reference, whose math is
+the one `divergence_reference` uses), the gradient is pushed through the student's LM head at once, and the chunk's
 logits are dropped. What stays is the gradient for the student's hidden states (tokens x hidden) and LM head, so peak memory is
 O(chunk x vocabulary) instead of O(tokens x vocabulary) for each of teacher logits, student logits and their grads.
 
