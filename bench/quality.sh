@@ -17,8 +17,9 @@
 # second, windowed teacher forward a step), recipe_seq4096 (stage 3 on sequences of 4,096 tokens, 8 a batch: the
 # same tokens a step), recipe_lr2x_ce (lr2x and ce together), recipe_rank3 / recipe_rank3_lr2x (the hybrid keeping
 # attention at `distill rank`'s [8, 20, 23], stage 3 from the same pure stages 1-2, at lr 3e-4 / 6e-4); whole
-# pipelines: recipe_b_per_head (one B per head), recipe_mohawk_shares (MOHAWK's 3% / 5% / 92% of the same total
-# tokens). Each with _10min too (recipe_s12_10min first), e.g. `bash bench/quality.sh recipe_s12 recipe_base recipe_jsd`.
+# pipelines: recipe_b_per_head (one B per head), recipe_state128 (an SSD state of 128, twice the head size),
+# recipe_mohawk_shares (MOHAWK's 3% / 5% / 92% of the same total tokens). Each with _10min too (recipe_s12_10min
+# first), e.g. `bash bench/quality.sh recipe_s12 recipe_base recipe_jsd`.
 # Without TEACHER_GGUF the teacher comes from conf/teacher/smollm2.yaml (PyPI). A row whose run folder is finished is
 # trained no further (distill train resumes a folder and stops at once when its stages are done) and evaluated again
 # only if it has no eval/results.json. TRAIN_OVERRIDES adds overrides to every row's `distill train` (e.g.
@@ -92,6 +93,7 @@ overrides() {  # a row's preset and overrides
     recipe_rank3) echo "${stage3}student.attention_layers=[8,20,23]" ;;
     recipe_rank3_lr2x) echo "${stage3}student.attention_layers=[8,20,23] stages.stage3.lr=6.0e-4" ;;
     recipe_b_per_head) echo "experiment=gpu_smollm2 student.b_per_head=true" ;;
+    recipe_state128) echo "experiment=gpu_smollm2 student.d_state=128" ;;
     # 19 + 32 + 589 steps of 16 x 2048: the preset's 640 steps in all, shared 3% / 5% / 92%
     recipe_mohawk_shares) echo "experiment=gpu_smollm2 stages.stage1.tokens=622592 stages.stage2.tokens=1048576 stages.stage3.tokens=19300352" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;

@@ -31,6 +31,7 @@ most used overrides:
   student.init_from=runs/pure         start from another run's trained SSD layers (e.g. a hybrid's stage 3
                                       from a pure student's stages 1-2; `distill rank` picks the layers)
   student.b_per_head=true             one B per head, not per KV group (starts as the same function)
+  student.d_state=128                 SSD state size (0: the teacher's head size; larger starts as the same function)
   pipeline=[stage2,stage3]            which stages to run, in order
   stages.stage3.tokens=1000000        a stage's token budget (also batch_size, seq_len, lr, trainable,
                                       temperature, ce_weight, divergence=forward_kl|reverse_kl|jsd, on_policy:

@@ -47,6 +47,10 @@ class StudentConfig:
     # One B per head (as C) instead of one per teacher KV group: transferred as the group's K repeated, so the
     # student starts as the same function, and each head's B then trains on its own (Llamba's independent heads).
     b_per_head: bool = False
+    # The SSD state size n (the width of each B and C group): 0 is the teacher's head size (B and C are K and Q as
+    # they are); a larger n gives each head more state to carry context in. The transfer seeds each group's first
+    # head-size dims from K and Q and the extra ones so that C.B, and so the student's function, is unchanged.
+    d_state: int = 0
     # Start from another run's trained SSD layers (a run folder, at its latest checkpoint, or a checkpoint folder):
     # every tensor whose name and shape match is copied, except the blocks of this student's attention layers, which
     # stay the teacher's. E.g. a hybrid's stage 3 from a pure student's stages 1-2 (layers there trained alone).
@@ -296,6 +300,8 @@ def validate(cfg: Config) -> None:
     for key in ("conv_kernel", "chunk_size"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"student.{key}={getattr(s, key)} must be positive")
+    if s.d_state < 0:  # the lower bound, the teacher's head size, is checked when the student is built
+        raise ConfigError(f"student.d_state={s.d_state}: give 0 (the teacher's head size) or a size at least that")
     if not cfg.run_dir.strip():
         raise ConfigError("run_dir is empty: give the run's folder, e.g. run_dir=runs/NAME")
     check_output_folder(cfg.run_dir, "run_dir")

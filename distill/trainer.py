@@ -67,6 +67,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+_NO_DEFAULT = object()
+
+
+def _default_of(key: str):
+    """The default of a flattened config key (`student.d_state`, `stages.stage3.recall_weight`), or _NO_DEFAULT."""
+    parts = key.split(".")
+    if parts[0] == "stages" and len(parts) == 3:  # stages are a dict of StageConfig by name
+        defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(StageConfig)))
+        return defaults.get(parts[2], _NO_DEFAULT)
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(Config))).get(key, _NO_DEFAULT)
+
+
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
     """A run folder keeps one config: refuse to resume it with a different one, naming the differences.
 
@@ -77,6 +89,9 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
     new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     if saved_path.exists():
         old = _flatten(OmegaConf.to_container(read_run_config(run_dir), resolve=True))
+        # An option added since the folder was started is missing from its config.yaml: the run ran as its default
+        # (a new option's default keeps what the code did before), so a folder of an older version still resumes.
+        old.update({k: _default_of(k) for k in new if k not in old and _default_of(k) is not _NO_DEFAULT})
         free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)
         diffs = [k for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
         if diffs:

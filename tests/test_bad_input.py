@@ -342,6 +342,8 @@ def test_bad_data_paths_and_columns(tmp_path, capsys):
         (["student.chunk_size=0"], "student.chunk_size=0 must be positive"),
         (["student.conv_kernel=-1"], "student.conv_kernel=-1 must be positive"),
         (["student.conv_activation=relu"], "student.conv_activation='relu': use identity or silu"),
+        (["student.d_state=-1"], "student.d_state=-1: give 0 (the teacher's head size) or a size at least that"),
+        (["student.d_state=8"], "student.d_state=8 is smaller than the teacher's head size 16: B and C start as"),
         (["stages.stage1.foo=1"], "Could not override 'stages.stage1.foo': Key 'foo' not in 'StageConfig'"),
         (["teacher=nope"], "Could not find 'teacher/nope'; options: llama-3.2-1b, phi-1_5, smollm2"),
         (["pipeline=stage1"], "Give a list: KEY=[a,b]"),

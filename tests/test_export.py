@@ -13,6 +13,9 @@ import torch
 
 import distill
 from distill.cli import main
+from distill.config import StudentConfig
+from distill.export import export_student
+from distill.models.transfer import build_student
 from distill.run_folder import load_run
 from tests.test_eval import DATA_DIR
 
@@ -63,7 +66,25 @@ def test_export_loads_without_distill_and_matches(exported, tmp_path):
     # lm-eval refuses the folder) nor where it came from; the dtype is the student's own.
     assert not {"quantization_config", "_name_or_path", "_model_name_or_path", "_commit_hash"} & set(config)
     assert config["dtype"] == "float32"
-    student = load_run(run_dir).student
+    check_loads_without_distill(load_run(run_dir).student, folder, tmp_path)
+
+
+def test_export_of_a_larger_state(tiny_llama, tmp_path):
+    """student.d_state at twice the head size: the export keeps it in its config, and transformers' load of the
+    folder gives the same logits and greedy generation (a hybrid, so that the cache holds both kinds of layer)."""
+    student = build_student(tiny_llama, StudentConfig(form="mamba2", d_state=32), attention_layers=[1]).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the transfer closes the gates and zeroes C's extra rows: make every part count
+        for name, p in student.named_parameters():
+            if ".self_attn.in_proj" in name or name.endswith("self_attn.D"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    folder = export_student(student, tiny_llama.tokenizer, tmp_path / "hf")
+    assert json.loads((folder / "config.json").read_text())["ssd_mixer"]["d_state"] == 32
+    check_loads_without_distill(student, folder, tmp_path)
+
+
+def check_loads_without_distill(student, folder: Path, tmp_path: Path) -> None:
+    """`folder` loaded by transformers in a process without distill: `student`'s logits and greedy generation."""
     vocab = student.config.vocab_size
     ids = torch.randint(0, vocab, (2, 70), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
     torch.save(ids, tmp_path / "ids.pt")

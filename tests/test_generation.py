@@ -15,9 +15,10 @@ from distill.models.student.modeling_distill import DistillCache, SSDLayerState,
 from distill.models.transfer import build_student
 
 
-def student_for(teacher, form="discrete", attention_layers=()):
+def student_for(teacher, form="discrete", attention_layers=(), d_state=0):
     """A student whose mixers do something: the transfer closes the gate and zeroes D, so randomise them."""
-    student = build_student(teacher, StudentConfig(form=form), attention_layers=list(attention_layers)).eval()
+    cfg = StudentConfig(form=form, d_state=d_state)
+    student = build_student(teacher, cfg, attention_layers=list(attention_layers)).eval()
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     with torch.no_grad():
         for name, p in student.named_parameters():
@@ -56,9 +57,10 @@ def test_greedy_generate_equals_reforward(teacher_name, form, keep, tiny_llama, 
     assert torch.equal(out, greedy_by_reforward(student, ids, 14))
 
 
-@pytest.mark.parametrize("form, keep", [("discrete", ()), ("mamba2", (2,))])
-def test_prefill_then_steps_match_full_forward(tiny_llama, form, keep):
-    student = student_for(tiny_llama, form, keep)
+# d_state 32: a state twice tiny-llama's head size (16), so the cache's (b, h, p, n) state has n != p.
+@pytest.mark.parametrize("form, keep, d_state", [("discrete", (), 0), ("mamba2", (2,), 0), ("mamba2", (), 32)])
+def test_prefill_then_steps_match_full_forward(tiny_llama, form, keep, d_state):
+    student = student_for(tiny_llama, form, keep, d_state)
     ids = torch.randint(0, 257, (3, 21), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
     with torch.no_grad():
         full = student(input_ids=ids, use_cache=False).logits
@@ -72,6 +74,7 @@ def test_prefill_then_steps_match_full_forward(tiny_llama, form, keep):
     assert cache.get_seq_length() == 21
     ssd_slot = next(layer for layer in cache.layers if isinstance(layer, SSDLayerState))
     assert ssd_slot.ssm_state.shape == states[0]  # constant memory: no growth with length
+    assert ssd_slot.ssm_state.shape[-1] == (d_state or 16)
     assert ssd_slot.ssm_state.dtype == torch.float32
 
 
@@ -93,11 +96,12 @@ def test_left_padding_does_not_enter_the_state(tiny_llama, keep):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("teacher_name, keep", [("tiny-llama", ()), ("tiny-phi", ()), ("tiny-llama", (1, 3)),
-                                                 ("tiny-phi", (0,))])
-def test_cuda_graph_decode_equals_eager(teacher_name, keep, tiny_llama, tiny_phi):
+@pytest.mark.parametrize("teacher_name, keep, d_state", [("tiny-llama", (), 0), ("tiny-phi", (), 0),
+                                                          ("tiny-llama", (1, 3), 0), ("tiny-phi", (0,), 0),
+                                                          ("tiny-llama", (), 32)])
+def test_cuda_graph_decode_equals_eager(teacher_name, keep, d_state, tiny_llama, tiny_phi):
     teacher = {"tiny-llama": tiny_llama, "tiny-phi": tiny_phi}[teacher_name]
-    student = student_for(teacher, "discrete", keep).cuda()
+    student = student_for(teacher, "discrete", keep, d_state).cuda()
     ids = torch.randint(0, 257, (3, 11), device="cuda")
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, eos_token_id=None,
                   pad_token_id=0, output_logits=True, return_dict_in_generate=True)

@@ -37,11 +37,13 @@ def run_step(student, teacher, ids, loss, backend, divergence="forward_kl"):
 
 @pytest.mark.parametrize("loss", ["matrix", "logits", "logits_jsd"])
 @pytest.mark.parametrize("form", ["discrete", "mamba2"])
-def test_fused_path_matches_reference(tiny_llama, loss, form):
-    """logits_jsd: stage 3 with the generalized JSD (beta 0.3, T = 2), which the divergence kernel computes too."""
+@pytest.mark.parametrize("d_state", [0, 24])
+def test_fused_path_matches_reference(tiny_llama, loss, form, d_state):
+    """logits_jsd: stage 3 with the generalized JSD (beta 0.3, T = 2), which the divergence kernel computes too.
+    d_state 24: a state larger than the head (16) and not a power of two (stage 1's kernel pads it)."""
     loss, divergence = ("logits", "jsd") if loss == "logits_jsd" else (loss, "forward_kl")
     teacher = tiny_llama.to("cuda")
-    student = build_student(teacher, StudentConfig(form=form), attention_layers=[1]).cuda()
+    student = build_student(teacher, StudentConfig(form=form, d_state=d_state), attention_layers=[1]).cuda()
     with torch.no_grad():  # open the gates so stage 3 sees the SSD layers
         for i in student.ssd_layers:
             student.mixer(i).in_proj.bias[: student.mixer(i).x_width].fill_(1.0)

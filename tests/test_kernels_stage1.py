@@ -97,6 +97,8 @@ CPU_CASES = {
     "L%tile!=0,gqa,grouped_B": (1, 40, 4, 2, 2, 4, 16, 16, True),
     "discrete,batch,kv1,B1": (2, 37, 4, 1, 1, 2, 16, 16, False),
     "C_grouped,d!=n": (1, 33, 4, 4, 4, 1, 32, 16, True),
+    "d<n,discrete": (1, 40, 4, 2, 2, 4, 16, 32, False),  # a state larger than the head (student.d_state)
+    "n_not_pow2,padded": (1, 33, 4, 2, 2, 4, 16, 24, True),
 }
 
 
@@ -119,6 +121,8 @@ GPU_CASES = {
     "bf16,L%64!=0,gqa,grouped": ((2, 300, 4, 2, 2, 4, 64, 64, True), torch.bfloat16, 1e-4, 1e-2),
     "bf16,discrete,L<64": ((1, 50, 4, 1, 1, 2, 64, 64, False), torch.bfloat16, 1e-4, 1e-2),
     "fp32,L=1000,gqa": ((1, 1000, 4, 2, 4, 1, 64, 64, True), torch.float32, 1e-5, 1e-4),
+    "bf16,d<n,gqa": ((2, 300, 4, 2, 2, 4, 64, 128, True), torch.bfloat16, 1e-4, 1e-2),
+    "fp32,n_not_pow2": ((1, 200, 4, 2, 2, 4, 64, 96, False), torch.float32, 1e-5, 1e-4),
 }
 
 

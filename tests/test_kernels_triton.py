@@ -115,13 +115,15 @@ def check_ssd(
 
 
 # (b, L, h, p, n, gb, gc, chunk): L < chunk, L = chunk, L not a multiple of the chunk, per-head and grouped B/C
-# (shared B as with GQA teachers, shared C, both), p and n not powers of two, p split across programs.
+# (shared B as with GQA teachers, shared C, both), p and n not powers of two, p split across programs, n > p (a
+# state larger than the head: student.d_state).
 SHAPES = [
     (2, 5, 3, 8, 5, 3, 3, 16),
     (1, 16, 2, 16, 16, 2, 2, 16),
     (2, 37, 4, 8, 5, 1, 4, 16),
     (1, 50, 6, 12, 8, 2, 3, 16),
     (2, 70, 4, 20, 16, 4, 2, 32),
+    (2, 37, 4, 16, 32, 2, 4, 16),
 ]
 OPTIONS = [(True, True, True), (False, False, False), (True, False, True), (False, True, False)]
 DTYPES = [F64, torch.float32] if CUDA else [F64]
@@ -211,10 +213,11 @@ def test_ssd_chunked_gradient_through_final_state_only() -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="bfloat16 tensor-core path: GPU only")
-@pytest.mark.parametrize("gb", [8, 2])
-def test_ssd_chunked_bfloat16_model_shape(gb: int) -> None:
-    """bf16 at a model's head size (p = n = 64), several chunks and a ragged tail, against float64."""
-    check_ssd(ssd_inputs(2, 300, 8, 64, 64, gb, 8), torch.bfloat16, 64, reference_fn=reference.ssd_chunked)
+@pytest.mark.parametrize("gb, n", [(8, 64), (2, 64), (2, 128)])
+def test_ssd_chunked_bfloat16_model_shape(gb: int, n: int) -> None:
+    """bf16 at a model's head size (p = 64; n = 64, or 128: student.d_state=128), several chunks and a ragged tail,
+    against float64."""
+    check_ssd(ssd_inputs(2, 300, 8, 64, n, gb, 8), torch.bfloat16, 64, reference_fn=reference.ssd_chunked)
 
 
 def test_ssd_chunked_rejects_bad_shapes() -> None:
@@ -237,7 +240,8 @@ def step_inputs(b: int, h: int, p: int, n: int, gb: int, gc: int, scale: bool, D
     )
 
 
-STEP_SHAPES = [(1, 4, 8, 5, 4, 4, True, True), (3, 6, 20, 16, 2, 3, False, False), (2, 4, 64, 64, 1, 4, True, False)]
+STEP_SHAPES = [(1, 4, 8, 5, 4, 4, True, True), (3, 6, 20, 16, 2, 3, False, False), (2, 4, 64, 64, 1, 4, True, False),
+               (2, 4, 16, 32, 2, 4, True, True)]
 STEP_DTYPES = [F64, torch.float32] if CUDA else [F64]
 
 
@@ -271,7 +275,8 @@ def test_ssd_step_bfloat16_inputs_float32_state() -> None:
 
 @pytest.mark.parametrize(
     "b,h,p,n,gb,gc,k,bias,activation",
-    [(2, 4, 8, 5, 4, 4, 4, True, "silu"), (3, 6, 20, 16, 2, 3, 4, False, None), (1, 4, 16, 16, 1, 1, 2, True, "silu")],
+    [(2, 4, 8, 5, 4, 4, 4, True, "silu"), (3, 6, 20, 16, 2, 3, 4, False, None), (1, 4, 16, 16, 1, 1, 2, True, "silu"),
+     (2, 4, 16, 32, 2, 4, 4, True, "silu")],
 )
 def test_conv_ssd_step_matches_reference(b, h, p, n, gb, gc, k, bias, activation) -> None:
     state, x, log_a, B, C, scale, D = step_inputs(b, h, p, n, gb, gc, True, True)

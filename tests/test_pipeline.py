@@ -145,3 +145,18 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
     assert main([*args, "stages.stage1.lr=0.5"]) == 2
     err = capsys.readouterr().err
     assert "was started with another config (stages.stage1.lr: 0.001 -> 0.5)" in err
+
+
+def test_a_folder_of_an_older_version_resumes(tmp_path, capsys):
+    """Options added since a folder was started are missing from its config.yaml: it ran as their defaults, so it
+    resumes; a missing option given another value than its default is still refused."""
+    import yaml
+
+    args = ["train", "experiment=tiny", f"run_dir={tmp_path}", "pipeline=[stage1]", "stages.stage1.tokens=512"]
+    assert main(args) == 0
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["student"]["d_state"], saved["stages"]["stage1"]["recall_weight"]  # as an older version wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(args) == 0
+    assert main([*args, "student.d_state=128"]) == 2
+    assert "student.d_state: 0 -> 128" in capsys.readouterr().err

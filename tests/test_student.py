@@ -91,6 +91,50 @@ def test_one_b_per_head_starts_as_the_grouped_student(tiny_llama, tmp_path):
         assert rel(again(ids).logits, per_head(ids).logits) < 1e-6
 
 
+@pytest.mark.parametrize("form", ["discrete", "mamba2"])
+def test_a_larger_state_starts_as_the_same_function(tiny_teacher, form):
+    """student.d_state at twice the head size: each B and C group's first head-size dims are K and Q as before, the
+    extra dims B random and C zero, so the mixing matrices and the logits are those of d_state = 0 (gates open, D
+    set: the mixers' outputs count). C's extra rows get a gradient at once, B's once C's have moved; the build is
+    reproducible."""
+    cfg = tiny_teacher.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+
+    def build(n):
+        return build_student(tiny_teacher, StudentConfig(form=form, d_state=n), attention_layers=[1])
+
+    base, wide = build(0), build(2 * d)
+    mixer = wide.mixer(2)
+    assert base.mixer(2).spec.d_state == d and mixer.spec.d_state == 2 * d
+    assert torch.equal(build(2 * d).mixer(2).in_proj.weight, mixer.in_proj.weight)
+    ids = random_ids()
+    with torch.no_grad():
+        a, b = base.mixing_matrices(ids), wide.mixing_matrices(ids)
+        assert sorted(a) == sorted(b) == [0, 2, 3] and all(rel(b[i], a[i]) < 1e-6 for i in a)
+        for student in (base, wide):
+            for i in student.ssd_layers:
+                student.mixer(i).in_proj.bias[: student.mixer(i).x_width].fill_(2.0)
+                student.mixer(i).D.fill_(0.5)
+        expected = base(ids).logits
+        assert rel(expected, tiny_teacher.model(ids).logits) > 1e-3  # the mixers change the function
+    logits = wide(ids).logits
+    assert rel(logits, expected) < 1e-5
+
+    def extra_rows_grad(part: str) -> torch.Tensor:
+        """The gradient of in_proj's rows for B's or C's extra state dims, (groups, d, hidden)."""
+        xw, bw = mixer.x_width, mixer.b_width
+        rows = slice(2 * xw, 2 * xw + bw) if part == "B" else slice(2 * xw + bw, 2 * xw + bw + mixer.c_width)
+        return mixer.in_proj.weight.grad[rows].view(-1, 2 * d, cfg.hidden_size)[:, d:]
+
+    logits.square().mean().backward()
+    assert extra_rows_grad("C").abs().max() > 0 and torch.all(extra_rows_grad("B") == 0)
+    with torch.no_grad():  # C's extra rows move (a gradient step), and then B's get a gradient too
+        mixer.in_proj.weight.sub_(mixer.in_proj.weight.grad)
+    wide.zero_grad()
+    wide(ids).logits.square().mean().backward()
+    assert extra_rows_grad("B").abs().max() > 0
+
+
 def test_everything_else_is_copied(tiny_teacher):
     student = build_student(tiny_teacher, StudentConfig(), attention_layers=[1])
     teacher_state = tiny_teacher.model.state_dict()

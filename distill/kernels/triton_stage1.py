@@ -460,9 +460,10 @@ def _check_inputs(q: Tensor, k: Tensor, log_a: Tensor, B: Tensor, C: Tensor, sca
                          f"got {tuple(C.shape)}")
     if scale is not None and tuple(scale.shape) != (b, L, h):
         raise ValueError(f"scale must have shape (b, L, h) = {(b, L, h)}, got {tuple(scale.shape)}")
-    for name, size in (("head dim d", d), ("state dim n", n)):
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"stage1_loss_triton needs the {name} to be a power of two >= 16, got {size}")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"stage1_loss_triton needs the head dim d to be a power of two >= 16, got {d}")
+    if n < 1:
+        raise ValueError("stage1_loss_triton needs a state dim n >= 1")
     if L == 0:
         raise ValueError("stage1_loss_triton needs L >= 1")
 
@@ -482,12 +483,18 @@ def stage1_loss_triton(
 
     Same arguments and value as `reference.stage1_loss`: q (b, L, h, d) and k (b, L, hk, d) after RoPE (GQA:
     h % hk == 0); log_a (b, L, h) <= 0; B (b, L, gb, n); C (b, L, gc, n); scale (b, L, h) or None. Tensors in
-    float16, bfloat16 or float32 on a CUDA device (or on the CPU under TRITON_INTERPRET=1); d and n powers of
-    two >= 16. Returns a float32 scalar. Gradients flow to log_a, B, C and scale; q and k are the frozen teacher's
-    and are detached. Memory is O(L): nothing of size L x L is ever stored.
+    float16, bfloat16 or float32 on a CUDA device (or on the CPU under TRITON_INTERPRET=1); d a power of two
+    >= 16 (n is padded to one with zeros). Returns a float32 scalar. Gradients flow to log_a, B, C and scale; q and
+    k are the frozen teacher's and are detached. Memory is O(L): nothing of size L x L is ever stored.
     `config` = (BLOCK, num_warps, num_stages) overrides the tile choice (tests and benchmarks).
     """
     _check_inputs(q, k, log_a, B, C, scale)
+    n = B.shape[-1]
+    width = max(16, triton.next_power_of_2(n))
+    if width != n:
+        # The kernels' tiles span the state dim whole, a power of two >= 16: zero columns add nothing to C.B, and
+        # F.pad's backward drops their gradients (a student.d_state such as 96).
+        B, C = F.pad(B, (0, width - n)), F.pad(C, (0, width - n))
     config = config or _default_config()
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (log_a, B, C, scale)

@@ -2,7 +2,8 @@
 
 Embeddings, norms, MLPs, the LM head and kept attention layers are copied as they are. Each converted layer's
 attention projections seed its SSD mixer: Q -> C (times the softmax scale, so C.B starts as the attention logits),
-K -> B (KV heads become B groups), V -> x (repeated over the query heads of each KV group), O -> out_proj.
+K -> B (KV heads become B groups), V -> x (repeated over the query heads of each KV group), O -> out_proj. A state
+larger than the teacher's head size (student.d_state) keeps C.B, and so the function, as it was (transfer_attention).
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ def mixer_spec(teacher: Teacher, cfg: StudentConfig) -> MixerSpec:
     tc = teacher.config
     h = tc.num_attention_heads
     d = head_dim(tc)
+    if 0 < cfg.d_state < d:
+        raise ConfigError(
+            f"student.d_state={cfg.d_state} is smaller than the teacher's head size {d}: B and C start as its K and "
+            f"Q, so give 0 (the head size) or at least {d}"
+        )
     o_proj = getattr(teacher.model.model.layers[0].self_attn, teacher.family.o_proj)
     return MixerSpec(
         n_heads=h,
         head_dim=d,
-        d_state=d,
+        d_state=cfg.d_state or d,
         n_b_groups=h if cfg.b_per_head else getattr(tc, "num_key_value_heads", None) or h,
         n_c_groups=h,
         form=cfg.form,
@@ -80,8 +86,9 @@ def transfer_attention(teacher: Teacher, idx: int, mixer: SSDMixer) -> None:
     attn = teacher.model.model.layers[idx].self_attn
     fam, spec = teacher.family, mixer.spec
     q, k, v, o = (getattr(attn, name) for name in (fam.q_proj, fam.k_proj, fam.v_proj, fam.o_proj))
-    softmax_scale = getattr(attn, "scaling", spec.d_state**-0.5)
-    kv_heads = k.weight.shape[0] // spec.d_state
+    d, n = q.weight.shape[0] // spec.n_heads, spec.d_state  # the teacher's query/key head size; the state size
+    softmax_scale = getattr(attn, "scaling", d**-0.5)
+    kv_heads = k.weight.shape[0] // d
 
     def repeat_heads(t: torch.Tensor, width: int, groups: int) -> torch.Tensor:
         """(kv_heads * width, ...) -> (groups * width, ...): each KV head's rows repeated for the groups it feeds."""
@@ -91,16 +98,33 @@ def transfer_attention(teacher: Teacher, idx: int, mixer: SSDMixer) -> None:
         return None if t is None else repeat_heads(t, spec.head_dim, spec.n_heads)
 
     def as_b(t):  # B has n_b_groups groups: the KV heads, or every head (b_per_head)
-        return None if t is None else repeat_heads(t, spec.d_state, spec.n_b_groups)
+        return None if t is None else repeat_heads(t, d, spec.n_b_groups)
 
+    def widen(t, groups: int, extra: torch.Tensor | None = None):
+        """(groups * d, ...) -> (groups * n, ...): each group's d rows, then n - d rows of `extra` (or zeros)."""
+        if t is None:
+            return None
+        t = t.float().reshape(groups, d, *t.shape[1:])
+        shape = (groups, n - d, *t.shape[2:])
+        extra = t.new_zeros(shape) if extra is None else extra.reshape(shape)
+        return torch.cat([t, extra], 1).flatten(0, 1)
+
+    # A state larger than the head size (n > d): C's extra rows start at zero and B's at small random values, so
+    # C.B over the extra dims is 0 and the student starts as the same function as with n = d. Zero on one side
+    # only: the gradient of C's extra rows is proportional to B's (nonzero at once), and B's to C's (nonzero once C
+    # has moved); with both zero neither would ever get a gradient. B is the random one so that the extra state
+    # dims hold something (x written through B) for C to learn to read. Seeded by the layer index: reproducible.
+    gb, h = spec.n_b_groups, spec.n_heads
+    g = torch.Generator().manual_seed(idx)
+    b_extra = torch.randn(gb * (n - d), k.weight.shape[1], generator=g) * k.weight.float().std()
     xw = mixer.x_width
     rows = {
         "x": (slice(xw, 2 * xw), as_x(v.weight), as_x(v.bias)),
-        "B": (slice(2 * xw, 2 * xw + mixer.b_width), as_b(k.weight), as_b(k.bias)),
+        "B": (slice(2 * xw, 2 * xw + mixer.b_width), widen(as_b(k.weight), gb, b_extra), widen(as_b(k.bias), gb)),
         "C": (
             slice(2 * xw + mixer.b_width, 2 * xw + mixer.b_width + mixer.c_width),
-            q.weight * softmax_scale,
-            None if q.bias is None else q.bias * softmax_scale,
+            widen(q.weight * softmax_scale, h),
+            None if q.bias is None else widen(q.bias * softmax_scale, h),
         ),
     }
     for where, weight, bias in rows.values():
@@ -135,7 +159,7 @@ def adopt_trained_layers(student, weights: dict[str, torch.Tensor]) -> tuple[lis
         found = f"{list(weights[why].shape)}, not {list(own[why].shape)}" if why in weights else "missing"
         raise ConfigError(
             f"student.init_from fits no SSD layer of this student ({why}: {found}): use a run of the same teacher "
-            "and student form (student.form, conv_kernel, norm, b_per_head)"
+            "and student form (student.form, conv_kernel, norm, b_per_head, d_state)"
         )
     student.load_state_dict(copy, strict=False)
     return taken, left
