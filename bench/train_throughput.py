@@ -20,7 +20,8 @@ and C upcast to float32 before the fused loss (the step before 2026-12-02). `--c
 at each divergence chunk (the first is used for the other rows); `--forms discrete,mamba2` adds the eager stage rows of
 each further student form (the first form gets every row); `--attention "8,20,23;..."` adds stage-3 rows of hybrids
 that keep those layers as attention (the quality rows' hybrids ran stage 3 slower than the pure student); `--recall`
-a stage-3 row with `recall_weight` (its second, windowed teacher forward); `--divergences reverse_kl,jsd` stage-3 rows
+a stage-3 row with `recall_weight` (its second, windowed teacher forward); `--d-state 128` stage-1 and stage-3 rows of a student with that
+state size; `--divergences reverse_kl,jsd` stage-3 rows
 with those divergences (the screen's JSD row trained at 0.59x forward KL's rate on the PyTorch reference).
 """
 
@@ -193,6 +194,8 @@ def main() -> None:
                         help='stage-3 rows of hybrids too (eager and graph), e.g. "8,20,23;1,8,17,20,23,24"')
     parser.add_argument("--recall", action="store_true",
                         help="a stage-3 row with recall weighting (a second, windowed teacher forward a step)")
+    parser.add_argument("--d-state", type=int, default=0,
+                        help="stage-1 and stage-3 rows of a student with this SSD state size too (student.d_state)")
     parser.add_argument("--divergences", default="",
                         help='stage-3 rows with other divergences too, e.g. "reverse_kl,jsd" (forward_kl is the base row)')
     parser.add_argument("--out", default=None)
@@ -261,6 +264,13 @@ def main() -> None:
         for graph in modes:
             measures.append(timed("stage 3 with recall weighting", stage_step(recall_cfg), stages[2][2], student,
                                   teacher, ids, graph=graph))
+    if args.d_state:
+        wide = build_student(teacher, StudentConfig(form=forms[0], d_state=args.d_state), attention_layers=[])
+        wide = wide.to(device)
+        for name, cfg, trainable in (stages[0], stages[2]):
+            for graph in modes:
+                measures.append(timed(f"{name}, d_state {args.d_state}", stage_step(cfg), trainable, wide, teacher,
+                                      ids, graph=graph))
     for divergence in (d for d in args.divergences.split(",") if d):
         if divergence not in DIVERGENCES:
             sys.exit(f"--divergences {divergence}: choose among {','.join(DIVERGENCES)}")
