@@ -67,16 +67,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-_NO_DEFAULT = object()
-
-
-def _default_of(key: str):
-    """The default of a flattened config key (`student.d_state`, `stages.stage3.recall_weight`), or _NO_DEFAULT."""
-    parts = key.split(".")
-    if parts[0] == "stages" and len(parts) == 3:  # stages are a dict of StageConfig by name
-        defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(StageConfig)))
-        return defaults.get(parts[2], _NO_DEFAULT)
-    return _flatten(OmegaConf.to_container(OmegaConf.structured(Config))).get(key, _NO_DEFAULT)
+def _defaults(keys) -> dict:
+    """The defaults of those flattened config keys (`student.d_state`, `stages.stage3.recall_weight`) that have one."""
+    top = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    stage = _flatten(OmegaConf.to_container(OmegaConf.structured(StageConfig)))  # stages: StageConfig by name
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        found = stage if parts[0] == "stages" and len(parts) == 3 else top
+        name = parts[2] if found is stage else key
+        if name in found:
+            out[key] = found[name]
+    return out
 
 
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
@@ -91,7 +93,7 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
         old = _flatten(OmegaConf.to_container(read_run_config(run_dir), resolve=True))
         # An option added since the folder was started is missing from its config.yaml: the run ran as its default
         # (a new option's default keeps what the code did before), so a folder of an older version still resumes.
-        old.update({k: _default_of(k) for k in new if k not in old and _default_of(k) is not _NO_DEFAULT})
+        old.update(_defaults(k for k in new if k not in old))
         free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)
         diffs = [k for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
         if diffs:

@@ -101,16 +101,13 @@ def _divergence_kernel(
         m_t, z_t = _online(m_t, z_t, xt, mask)
         if HAS_CE:
             m_1, z_1 = _online(m_1, z_1, tl.where(mask, s, _FLOOR), mask)
-    lse_s, big_s = _lse(m_s, z_s)
-    lse_t, big_t = _lse(m_t, z_t)
+    big_s, lz_s = _log_z(m_s, z_s)
+    big_t, lz_t = _log_z(m_t, z_t)
+    lse_s, lse_t = big_s + lz_s, big_t + lz_t
     c = 0.0
-    lz_s = 0.0
-    lz_t = 0.0
     if JSD:  # second pass: sum p_t (d - r) and c = sum p_s r (see the module's docstring)
         # log p = (x - max) - log z, not x - lse: exact near the max, where a peaked row's gradient p_s (c - r) is a
         # small difference that lse's rounding (~1e-6 at |lse| ~ 20) would swamp (4x the error, seen at T = 0.7).
-        _, lz_s = _log_z(m_s, z_s)
-        _, lz_t = _log_z(m_t, z_t)
         acc_t = tl.zeros((BLOCK,), tl.float32)
         acc_c = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, V, BLOCK):
