@@ -20,9 +20,9 @@ and C upcast to float32 before the fused loss (the step before 2026-12-02). `--c
 at each divergence chunk (the first is used for the other rows); `--forms discrete,mamba2` adds the eager stage rows of
 each further student form (the first form gets every row); `--attention "8,20,23;..."` adds stage-3 rows of hybrids
 that keep those layers as attention (the quality rows' hybrids ran stage 3 slower than the pure student); `--recall`
-a stage-3 row with `recall_weight` (its second, windowed teacher forward); `--d-state 128` stage-1 and stage-3 rows of a student with that
-state size; `--divergences reverse_kl,jsd` stage-3 rows
-with those divergences (the screen's JSD row trained at 0.59x forward KL's rate on the PyTorch reference).
+a stage-3 row with `recall_weight` (its second, windowed teacher forward); `--d-state 128` stage-1 and stage-3 rows
+of a student with that state size; `--divergences reverse_kl,jsd` stage-3 rows with those divergences (the screen's
+JSD row trained at 0.59x forward KL's rate on the PyTorch reference).
 """
 
 from __future__ import annotations
@@ -244,9 +244,13 @@ def main() -> None:
     timed = lambda *a, **k: lambda: time_stage(*a, precision=precision, steps=args.steps, device=device, **k)
     measures = [teacher_forward]  # each returns one row; all are run once per round
     modes = ([] if args.no_eager else [False]) + ([True] if device.type == "cuda" and not args.no_graph else [])
-    for name, cfg, trainable in stages:
+
+    def on_each_path(name, cfg, trainable, model):  # a row per path asked for (eager, CUDA graph)
         for graph in modes:
-            measures.append(timed(name, stage_step(cfg), trainable, student, teacher, ids, graph=graph))
+            measures.append(timed(name, stage_step(cfg), trainable, model, teacher, ids, graph=graph))
+
+    for name, cfg, trainable in stages:
+        on_each_path(name, cfg, trainable, student)
     for chunk in chunks[1:]:
         measures.append(timed(f"stage 3, divergence chunk {chunk} tokens", stage_step(
             StageConfig(loss="logits", tokens=1, chunk_tokens=chunk)), stages[2][2], student, teacher, ids))
@@ -256,28 +260,20 @@ def main() -> None:
             measures.append(timed(f"{name}, {form} form", stage_step(cfg), trainable, other, teacher, ids))
     for layers in ([int(i) for i in h.split(",")] for h in args.attention.split(";") if h.strip()):
         hybrid = build_student(teacher, StudentConfig(form=forms[0]), attention_layers=layers).to(device)
-        for graph in modes:
-            measures.append(timed(f"stage 3, attention kept at {layers}", stage_step(stages[2][1]), stages[2][2],
-                                  hybrid, teacher, ids, graph=graph))
+        on_each_path(f"stage 3, attention kept at {layers}", stages[2][1], stages[2][2], hybrid)
     if args.recall:
         recall_cfg = StageConfig(loss="logits", tokens=1, chunk_tokens=chunks[0], recall_weight=2.0)
-        for graph in modes:
-            measures.append(timed("stage 3 with recall weighting", stage_step(recall_cfg), stages[2][2], student,
-                                  teacher, ids, graph=graph))
+        on_each_path("stage 3 with recall weighting", recall_cfg, stages[2][2], student)
     if args.d_state:
         wide = build_student(teacher, StudentConfig(form=forms[0], d_state=args.d_state), attention_layers=[])
         wide = wide.to(device)
         for name, cfg, trainable in (stages[0], stages[2]):
-            for graph in modes:
-                measures.append(timed(f"{name}, d_state {args.d_state}", stage_step(cfg), trainable, wide, teacher,
-                                      ids, graph=graph))
+            on_each_path(f"{name}, d_state {args.d_state}", cfg, trainable, wide)
     for divergence in (d for d in args.divergences.split(",") if d):
         if divergence not in DIVERGENCES:
             sys.exit(f"--divergences {divergence}: choose among {','.join(DIVERGENCES)}")
         cfg = StageConfig(loss="logits", tokens=1, chunk_tokens=chunks[0], divergence=divergence)
-        for graph in modes:
-            measures.append(timed(f"stage 3, {divergence}", stage_step(cfg), stages[2][2], student, teacher, ids,
-                                  graph=graph))
+        on_each_path(f"stage 3, {divergence}", cfg, stages[2][2], student)
     if args.stage1_fp32:
         measures.append(within(stage1_bc_float32, timed(f"{stages[0][0]}, B and C in float32",
                                                         stage_step(stages[0][1]), stages[0][2], student, teacher, ids)))
