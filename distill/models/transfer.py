@@ -116,7 +116,8 @@ def transfer_attention(teacher: Teacher, idx: int, mixer: SSDMixer) -> None:
     # dims hold something (x written through B) for C to learn to read. Seeded by the layer index: reproducible.
     gb, h = spec.n_b_groups, spec.n_heads
     g = torch.Generator().manual_seed(idx)
-    b_extra = torch.randn(gb * (n - d), k.weight.shape[1], generator=g) * k.weight.float().std()
+    # Drawn on the CPU (the same values whatever device the teacher sits on), then moved to it.
+    b_extra = torch.randn(gb * (n - d), k.weight.shape[1], generator=g).to(k.weight.device) * k.weight.float().std()
     xw = mixer.x_width
     rows = {
         "x": (slice(xw, 2 * xw), as_x(v.weight), as_x(v.bias)),
