@@ -12,10 +12,12 @@ runs it: eagerly (torch's AdamW) and captured once as a CUDA graph and replayed 
 `trainer.cuda_graphs=true`; on in the GPU presets since 2026-12-03, when it measured faster). 3 warm-up steps, then `--steps` timed steps between CUDA
 synchronisations; each step reads its losses back to the host, as training does. Stage 3 runs the fused, chunked
 divergence (what training runs) and, for comparison, full-vocabulary logits (the reference path, eager). The
-teacher's forward alone (no capture, logits) is the scale. `--ablate conv,rms_norm,swiglu,align,divergence,out_norm` adds
-stage-3 rows with each named piece, then all of them, back on the eager path (the PyTorch reference for a kernel;
-for `align`, in_proj's product at its own odd width; for `divergence`, the chunk's loss and gradient through
-autograd; `out_norm`, the Mamba-2 form's output norm alone, for a mamba2 first form): what each of the step's kernels buys, measured in one run. `--stage1-fp32` adds a stage-1 row with B
+teacher's forward alone (no capture, logits) is the scale. `--ablate conv,rms_norm,swiglu,align,divergence,out_norm,
+norm_dtype,split_pad` adds stage-3 rows with each named piece, then all of them, undone, on each path timed (the
+PyTorch reference for a kernel; for `align`, in_proj's product at its own odd width; for `divergence`, the chunk's
+loss and gradient through autograd; `out_norm`, the Mamba-2 form's output norm alone, for a mamba2 first form;
+`norm_dtype`, the layer norms writing float32 for autocast to cast; `split_pad`, in_proj's product sliced before its
+split): what each of the step's kernels and passes buys, measured in one run. `--stage1-fp32` adds a stage-1 row with B
 and C upcast to float32 before the fused loss (the step before 2026-12-02). `--chunk-tokens 4096,1024` times stage 3
 at each divergence chunk (the first is used for the other rows); `--forms discrete,mamba2` adds the eager stage rows of
 each further student form (the first form gets every row); `--attention "8,20,23;..."` adds stage-3 rows of hybrids
@@ -44,7 +46,7 @@ from distill.cli import compose  # noqa: E402
 from distill.config import StageConfig, StudentConfig, TeacherConfig  # noqa: E402
 from distill.kernels import reference  # noqa: E402
 from distill.kernels.reference import DIVERGENCES  # noqa: E402
-from distill.models.student.modeling_distill import AlignedLinear, RMSNorm  # noqa: E402
+from distill.models.student.modeling_distill import AlignedLinear, KernelRMSNorm, RMSNorm, SSDMixer  # noqa: E402
 from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
 from distill.stages import stage_step, trainable_parameters  # noqa: E402
@@ -67,24 +69,37 @@ def full_logits_step(student, teacher, ids, precision):
 
 
 FORM_NAMES = {"discrete": "discrete-Mamba-2", "mamba2": "Mamba-2-form"}
-ABLATABLE = ("conv", "rms_norm", "swiglu", "align", "divergence", "out_norm")
+ABLATABLE = ("conv", "rms_norm", "swiglu", "align", "divergence", "out_norm", "norm_dtype", "split_pad")
+
+
+def _project_sliced(mixer: SSDMixer, hidden_states: torch.Tensor):
+    """in_proj's product sliced to its width, then split: SSDMixer._project as it ran before 2026-12-04."""
+    widths = [mixer.x_width, mixer.x_width + mixer.b_width + mixer.c_width, mixer.spec.n_heads]
+    return mixer.in_proj(hidden_states).split(widths, dim=-1)
 
 
 @contextlib.contextmanager
 def without(pieces: tuple[str, ...]):
     """The named kernels through their PyTorch references (F.conv1d, the family's eager norm and gate, the chunk
-    divergence through autograd) and, for "align", in_proj's product unpadded: the step as it ran before each piece
-    existed."""
-    original, align, out_norm = kernels._triton_function, AlignedLinear.align, RMSNorm.forward
+    divergence through autograd) and, for "align", in_proj's product unpadded; "norm_dtype", the layer norms'
+    output in float32 for autocast to cast at each product; "split_pad", in_proj's padded product sliced before its
+    split: the step as it ran before each piece existed."""
+    saved = (kernels._triton_function, AlignedLinear.align, RMSNorm.forward, KernelRMSNorm.forward, SSDMixer._project)
+    original = saved[0]
     kernels._triton_function = lambda name: None if name in pieces else original(name)
     if "align" in pieces:
         AlignedLinear.align = 1
     if "out_norm" in pieces:  # the Mamba-2 form's output norm alone on the reference (the family's norms kept)
         RMSNorm.forward = lambda self, y: reference.rms_norm(y, self.weight, self.eps).to(y.dtype)
+    if "norm_dtype" in pieces:
+        KernelRMSNorm.forward = lambda self, h: kernels.rms_norm(h, self.weight, self.variance_epsilon)
+    if "split_pad" in pieces:
+        SSDMixer._project = _project_sliced
     try:
         yield
     finally:
-        kernels._triton_function, AlignedLinear.align, RMSNorm.forward = original, align, out_norm
+        (kernels._triton_function, AlignedLinear.align, RMSNorm.forward, KernelRMSNorm.forward,
+         SSDMixer._project) = saved
 
 
 @contextlib.contextmanager
@@ -282,8 +297,10 @@ def main() -> None:
     if unknown:
         sys.exit(f"--ablate {','.join(sorted(unknown))}: choose among {','.join(ABLATABLE)}")
     for pieces in [(name,) for name in ablate] + ([ablate] if len(ablate) > 1 else []):
-        measures.append(within(lambda pieces=pieces: without(pieces), timed(
-            f"stage 3 without {' + '.join(pieces)}", stage_step(stages[2][1]), stages[2][2], student, teacher, ids)))
+        for graph in modes:
+            measures.append(within(lambda pieces=pieces: without(pieces), timed(
+                f"stage 3 without {' + '.join(pieces)}", stage_step(stages[2][1]), stages[2][2], student, teacher,
+                ids, graph=graph)))
     if not args.no_eager:
         measures.append(timed("stage 3 (full logits reference)", full_logits_step, "all_but_embeddings", student,
                               teacher, ids))

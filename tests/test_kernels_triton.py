@@ -371,17 +371,19 @@ def test_causal_conv_dispatch_and_bad_input() -> None:
 
 
 @pytest.mark.parametrize(
-    "shape, x_dtype, w_dtype",
+    "shape, x_dtype, w_dtype, out_dtype",
     [
-        ((2, 37, 40), torch.float32, torch.float32),  # rows not a multiple of the row block, width not a power of 2
-        ((3, 19, 64), torch.float32, torch.float32),
-        ((2, 37, 40), torch.bfloat16, torch.float32),  # a bf16 stream under fp32 weights: output fp32
-        ((2, 37, 40), torch.bfloat16, torch.bfloat16),  # a bf16 teacher
-        ((130, 24), torch.float32, torch.float32),  # 2-D; several backward programs, each over several row blocks
+        ((2, 37, 40), torch.float32, torch.float32, None),  # rows not a multiple of the row block, width not 2^k
+        ((3, 19, 64), torch.float32, torch.float32, None),
+        ((2, 37, 40), torch.bfloat16, torch.float32, None),  # a bf16 stream under fp32 weights: output fp32
+        ((2, 37, 40), torch.bfloat16, torch.bfloat16, None),  # a bf16 teacher
+        ((130, 24), torch.float32, torch.float32, None),  # 2-D; several backward programs, each over several row blocks
+        ((2, 37, 40), torch.float32, torch.float32, torch.bfloat16),  # the student's layer norms under autocast
     ],
 )
-def test_rms_norm_matches_reference(shape, x_dtype, w_dtype) -> None:
-    """Forward, dx and dweight against the float64 reference, with x a strided slice (its rows not adjacent)."""
+def test_rms_norm_matches_reference(shape, x_dtype, w_dtype, out_dtype) -> None:
+    """Forward, dx and dweight against the float64 reference, with x a strided slice (its rows not adjacent); with
+    out_dtype, y in that dtype and its gradient arriving in it."""
     g = torch.Generator().manual_seed(next(_seeds))
     d = shape[-1]
     wide = torch.randn(*shape[:-1], d + 5, generator=g, dtype=F64) * 3
@@ -394,10 +396,10 @@ def test_rms_norm_matches_reference(shape, x_dtype, w_dtype) -> None:
     dev_wide = wide.to(DEVICE, x_dtype).requires_grad_()
     dev_w = w.to(DEVICE, w_dtype).requires_grad_()
     x = dev_wide[..., 2 : 2 + d]
-    y = triton_rmsnorm.rms_norm_triton(x, dev_w, 1e-5)
+    y = triton_rmsnorm.rms_norm_triton(x, dev_w, 1e-5, out_dtype)
     (y.float() * dy.to(DEVICE).float()).sum().backward()
-    tol = TOL[torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype) else x_dtype]
-    assert y.dtype == torch.promote_types(x_dtype, w_dtype) and y.shape == shape
+    tol = TOL[torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype, out_dtype) else x_dtype]
+    assert y.dtype == (out_dtype or torch.promote_types(x_dtype, w_dtype)) and y.shape == shape
     assert rel_err(y, y_ref) < tol
     assert rel_err(dev_wide.grad[..., 2 : 2 + d], ref_x.grad) < tol
     assert dev_wide.grad[..., :2].abs().max() == 0

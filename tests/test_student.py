@@ -287,3 +287,58 @@ def test_mamba2_output_norm_is_rmsnorm_in_its_input_dtype(dtype):
     tol = 1e-6 if dtype == torch.float32 else 1.6e-2
     assert out.dtype == dtype and rel(out, expected) < tol
     assert rel(y.grad, y64.grad) < tol and rel(norm.weight.grad, w64.grad) < tol
+
+
+def test_the_profile_passes_removed_keep_the_function(tiny_llama, monkeypatch):
+    """Two passes a stage-3 step's profile found, removed: the decoder layers' norms write their output in the
+    autocast dtype (no float32 copy for in_proj, gate and up to cast each, nor casts of their gradients back), and
+    in_proj's split takes its padded product whole (its gradient is one concatenation, no zero fill and strided copy
+    of the sliced width). Under bf16 autocast, with in_proj padded as on CUDA: the same logits as with both undone,
+    gradients within bf16's rounding, and three fewer casts of the stream a layer, forward and backward. Through the
+    Triton kernels (the interpreter off CUDA), whose norm writes bf16 itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from distill import kernels
+    from distill.models.student.modeling_distill import AlignedLinear, KernelRMSNorm
+
+    monkeypatch.setattr(kernels, "_backend", "triton")
+
+    student = build_student(tiny_llama, StudentConfig(form="discrete"), attention_layers=[1])
+    with torch.no_grad():  # open the gates and set D: the mixers' outputs count
+        for i in student.ssd_layers:
+            student.mixer(i).in_proj.bias[: student.mixer(i).x_width].fill_(2.0)
+            student.mixer(i).D.fill_(0.5)
+    norms = [m for m in student.modules() if isinstance(m, KernelRMSNorm)]
+    assert sum(m.feeds_products for m in norms) == 2 * len(student.model.layers) and not student.model.norm.feeds_products
+    ids, params = random_ids(), [p for p in student.parameters() if p.requires_grad]
+    H = student.config.hidden_size
+
+    class StreamCasts(TorchDispatchMode):
+        """Counts casts of a (b, L, hidden) tensor between float32 and bf16."""
+
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == (*ids.shape, H):
+                self.n += {args[0].dtype, out.dtype} == {torch.float32, torch.bfloat16}
+            return out
+
+    def run(new: bool):
+        for m in norms:
+            m.feeds_products = new and m is not student.model.norm
+        pad = (lambda self, x: -self.out_features % 64) if new else (lambda self, x: 0)
+        monkeypatch.setattr(AlignedLinear, "pad_width", pad)
+        with StreamCasts() as casts:
+            with torch.autocast("cpu", torch.bfloat16):
+                logits = student(ids).logits
+            grads = torch.autograd.grad((logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum(), params)
+        return logits, grads, casts.n
+
+    logits, grads, casts = run(True)
+    base_logits, base_grads, base_casts = run(False)
+    assert rel(logits.float(), base_logits.float()) < 1e-2
+    assert max(rel(g, b) for g, b in zip(grads, base_grads)) < 5e-2
+    assert base_casts - casts >= 6 * len(student.model.layers)

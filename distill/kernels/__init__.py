@@ -116,12 +116,13 @@ def stage1_loss(q, k, softmax_scale, log_a, B, C, scale=None):
     return reference.stage1_loss(q, k, softmax_scale, log_a, B, C, scale)
 
 
-def rms_norm(x, weight, eps: float):
-    """The Llama family's RMSNorm, weight * normalize(x) (see reference.rms_norm)."""
+def rms_norm(x, weight, eps: float, out_dtype=None):
+    """The Llama family's RMSNorm, weight * normalize(x), optionally rounded to `out_dtype` (see
+    reference.rms_norm)."""
     kernel = _use_triton(x, "rms_norm")
     if kernel is not None:
-        return kernel(x, weight, eps)
-    return reference.rms_norm(x, weight, eps)
+        return kernel(x, weight, eps, out_dtype)
+    return reference.rms_norm(x, weight, eps, out_dtype)
 
 
 def swiglu(gate, up):

@@ -459,19 +459,21 @@ def stage1_loss(
 # The block's other pieces: the Llama family's RMSNorm and SwiGLU gate (the student keeps the teacher's)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
     """weight * normalize(x), exactly as the Llama family's RMSNorm computes it.
 
     x (..., d); weight (d,). The mean square is taken in float32 and the normalized x rounded back to x's dtype
     before the product with the weight, so the output has the dtype of `weight * x` (float32 for a float32 stream,
-    bfloat16 for a bfloat16 teacher). float64 is kept as it is.
+    bfloat16 for a bfloat16 teacher). float64 is kept as it is. `out_dtype`: the product rounded to it instead (what
+    a consumer under autocast would round it to anyway).
     """
     if x.shape[-1:] != weight.shape:
         raise ValueError(f"weight must have shape (d,) = ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
                          f"got {tuple(weight.shape)}")
     h = x.to(_compute_dtype(x.dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    y = weight * h.to(x.dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """Fused RMSNorm (the Llama family's, which the student keeps from its teacher) in Triton: forward and backward.
 
 Same function as `reference.rms_norm`: y = weight * round(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) per row, the
-normalized x rounded to x's dtype before the product (as the family computes it), y in the dtype of weight * x.
+normalized x rounded to x's dtype before the product (as the family computes it), y in the dtype of weight * x or in
+`out_dtype` (a bf16 y for the bf16 products that follow under autocast: written once in bf16 instead of written in
+float32 and then cast by each consumer, and its gradient arrives in bf16 with no cast back).
 
 Why a kernel: eagerly the norm is six elementwise kernels forward (cast, square, mean, rsqrt, two products) and about
 ten backward, each a pass over the (tokens x width) activation; a stage-3 step of SmolLM2-135M's student runs 61 of
@@ -86,13 +88,13 @@ def _programs(x: torch.Tensor, n_blocks: int) -> int:
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, out_dtype):
         shape, D = x.shape, x.shape[-1]
         x2 = x.reshape(-1, D)
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
         N = x2.shape[0]
-        y = torch.empty((N, D), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        y = torch.empty((N, D), dtype=out_dtype or torch.promote_types(weight.dtype, x.dtype), device=x.device)
         rstd = torch.empty((N,), dtype=torch.float32, device=x.device)
         block_r, block_d = _blocks(D)
         _rms_fwd_kernel[(triton.cdiv(N, block_r),)](
@@ -119,14 +121,17 @@ class _RMSNorm(torch.autograd.Function):
             x2, weight, dy2, rstd, dx, dw_part, N, D, x2.stride(0), dy2.stride(0), dx.stride(0), rows_per_program,
             BLOCK_R=block_r, BLOCK_D=block_d,
         )
-        return dx.reshape(ctx.shape), dw_part.sum(0).to(weight.dtype), None
+        return dx.reshape(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """reference.rms_norm on the GPU: x (..., d), weight (d,)."""
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """reference.rms_norm on the GPU: x (..., d), weight (d,); y in `out_dtype` where given."""
     if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must have shape (d,) = ({x.shape[-1] if x.dim() else '?'},) for x of shape "
                          f"{tuple(x.shape)}, got {tuple(weight.shape)}")
     if x.numel() == 0:
-        return weight * x
-    return _RMSNorm.apply(x, weight, float(eps))
+        y = weight * x
+        return y if out_dtype is None else y.to(out_dtype)
+    return _RMSNorm.apply(x, weight, float(eps), out_dtype)
