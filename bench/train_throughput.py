@@ -24,7 +24,8 @@ each further student form (the first form gets every row); `--attention "8,20,23
 that keep those layers as attention (the quality rows' hybrids ran stage 3 slower than the pure student); `--recall`
 a stage-3 row with `recall_weight` (its second, windowed teacher forward); `--d-state 128` stage-1 and stage-3 rows
 of a student with that state size; `--divergences reverse_kl,jsd` stage-3 rows with those divergences (the screen's
-JSD row trained at 0.59x forward KL's rate on the PyTorch reference).
+JSD row trained at 0.59x forward KL's rate on the PyTorch reference); `--trainables mixers` stage-3 rows training
+only that set (recipe_mlp_frozen: no gradients for the MLPs' weights, a third of their backward products).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from distill import kernels  # noqa: E402
 from distill.cli import compose  # noqa: E402
-from distill.config import StageConfig, StudentConfig, TeacherConfig  # noqa: E402
+from distill.config import TRAINABLE, StageConfig, StudentConfig, TeacherConfig  # noqa: E402
 from distill.kernels import reference  # noqa: E402
 from distill.kernels.reference import DIVERGENCES  # noqa: E402
 from distill.models.student.modeling_distill import AlignedLinear, KernelRMSNorm, RMSNorm, SSDMixer  # noqa: E402
@@ -213,6 +214,8 @@ def main() -> None:
                         help="stage-1 and stage-3 rows of a student with this SSD state size too (student.d_state)")
     parser.add_argument("--divergences", default="",
                         help='stage-3 rows with other divergences too, e.g. "reverse_kl,jsd" (forward_kl is the base row)')
+    parser.add_argument("--trainables", default="",
+                        help='stage-3 rows training only these sets too, e.g. "mixers,ssd_blocks"')
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -289,6 +292,10 @@ def main() -> None:
             sys.exit(f"--divergences {divergence}: choose among {','.join(DIVERGENCES)}")
         cfg = StageConfig(loss="logits", tokens=1, chunk_tokens=chunks[0], divergence=divergence)
         on_each_path(f"stage 3, {divergence}", cfg, stages[2][2], student)
+    for trainable in (t for t in args.trainables.split(",") if t):
+        if trainable not in TRAINABLE:
+            sys.exit(f"--trainables {trainable}: choose among {','.join(TRAINABLE)}")
+        on_each_path(f"stage 3, trains {trainable}", stages[2][1], trainable, student)
     if args.stage1_fp32:
         measures.append(within(stage1_bc_float32, timed(f"{stages[0][0]}, B and C in float32",
                                                         stage_step(stages[0][1]), stages[0][2], student, teacher, ids)))
