@@ -20,6 +20,8 @@
 # pipelines: recipe_b_per_head (one B per head), recipe_state128 (an SSD state of 128, twice the head size),
 # recipe_mohawk_shares (MOHAWK's 3% / 5% / 92% of the same total tokens). Each with _10min too (recipe_s12_10min
 # first), e.g. `bash bench/quality.sh recipe_s12 recipe_base recipe_jsd`.
+# Section 4's rows, whole pipelines: rank3 / rank3_lr2x (the hybrid [8, 20, 23] at lr 3e-4 / 6e-4 in stage 3) and
+# pure_lr2x; each with _10min, and with _2x (twice the ten-minute budget: experiment=gpu_smollm2_2x, one row a lease).
 # Without TEACHER_GGUF the teacher comes from conf/teacher/smollm2.yaml (PyPI). A row whose run folder is finished is
 # trained no further (distill train resumes a folder and stops at once when its stages are done) and evaluated again
 # only if it has no eval/results.json. TRAIN_OVERRIDES adds overrides to every row's `distill train` (e.g.
@@ -66,16 +68,22 @@ overrides() {  # a row's preset and overrides
     echo "experiment=gpu_smollm2_10min stages.stage1.tokens=1998848 stages.stage2.tokens=3342336 stages.stage3.tokens=61767680"
     return
   fi
-  if [[ $1 == *_10min ]]; then
-    overrides "${1%_10min}" | sed 's/experiment=gpu_smollm2 /experiment=gpu_smollm2_10min /; s/experiment=gpu_smollm2$/experiment=gpu_smollm2_10min/; s|/recipe_s12 |/recipe_s12_10min |'
-    return
-  fi
+  local budget
+  for budget in 10min 2x; do
+    if [[ $1 == *_$budget ]]; then
+      overrides "${1%_"$budget"}" | sed "s/experiment=gpu_smollm2 /experiment=gpu_smollm2_$budget /; s/experiment=gpu_smollm2\$/experiment=gpu_smollm2_$budget/; s|/recipe_s12 |/recipe_s12_$budget |"
+      return
+    fi
+  done
   local stage3="experiment=gpu_smollm2 pipeline=[stage3] student.init_from=$RUNS/recipe_s12 "
   case $1 in
     pure_discrete) echo "experiment=gpu_smollm2" ;;
     pure_mamba2) echo "experiment=gpu_smollm2 student=mamba2" ;;
     hybrid_data) echo "experiment=gpu_smollm2 student.attention_layers=[0,2,11]" ;;  # distill inspect's worst fits
     hybrid_even) echo "experiment=gpu_smollm2 student.attention_layers=[5,15,25]" ;;
+    rank3) echo "experiment=gpu_smollm2 student.attention_layers=[8,20,23]" ;;  # `distill rank`'s first three
+    rank3_lr2x) echo "experiment=gpu_smollm2 student.attention_layers=[8,20,23] stages.stage3.lr=6.0e-4" ;;
+    pure_lr2x) echo "experiment=gpu_smollm2 stages.stage3.lr=6.0e-4" ;;
     abl_123 | abl_23 | abl_3) echo "experiment=ablation_${1#abl_}" ;;
     abl_123_real) echo "experiment=ablation_123 data.mix_fraction=0" ;;
     recipe_s12) echo "experiment=gpu_smollm2 pipeline=[stage1,stage2]" ;;

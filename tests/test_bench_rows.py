@@ -39,7 +39,8 @@ def test_the_rows_are_found():
     assert {"pure_discrete", "recipe_s12", "recipe_base", "recipe_recall", "recipe_on_policy"} <= set(ROWS)
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS] + [f"{r}_10min" for r in ROWS if not r.startswith("abl_")])
+@pytest.mark.parametrize("row", [r for r in ROWS] + [f"{r}_10min" for r in ROWS if not r.startswith("abl_")]
+                         + ["rank3_lr2x_2x", "pure_lr2x_2x", "pure_discrete_2x"])
 def test_each_row_composes_and_validates(row):
     overrides = _overrides(row)
     assert overrides, row
@@ -47,6 +48,9 @@ def test_each_row_composes_and_validates(row):
     validate(cfg)
     if row.endswith("_10min") and row != "recipe_mohawk_shares_10min":
         assert "experiment=gpu_smollm2_10min" in overrides
+    if row.endswith("_2x"):  # twice the ten-minute budget's tokens, stage by stage
+        assert "experiment=gpu_smollm2_2x" in overrides
+        assert [cfg.stages[s].tokens for s in ("stage1", "stage2", "stage3")] == [16777216, 33554432, 83886080]
     whole_pipelines = ("recipe_s12", "recipe_b_per_head", "recipe_state128", "recipe_mohawk")
     if row.startswith("recipe_") and not row.startswith(whole_pipelines):
         assert cfg.pipeline == ["stage3"] and cfg.student.init_from.endswith(
