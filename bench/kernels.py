@@ -39,7 +39,8 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from distill.kernels import reference, triton_ssd, triton_step  # noqa: E402
 
-SHAPES = [(4, 2048, 32), (1, 8192, 32), (8, 2048, 9), (1, 32768, 32)]  # (b, L, h)
+# (b, L, h); the last is a SmolLM2-135M student's stage-3 step (16 x 2048, 9 heads): 144 programs on 132 SMs
+SHAPES = [(4, 2048, 32), (1, 8192, 32), (8, 2048, 9), (1, 32768, 32), (16, 2048, 9)]
 P = N = 64
 CHUNK = 64
 DECODE_BATCHES = [1, 4, 16, 64, 256]
@@ -90,9 +91,10 @@ def ssd_inputs(b: int, L: int, h: int) -> dict:
     }
 
 
-def ours(inp: dict, chunk: int = CHUNK) -> torch.Tensor:
+def ours(inp: dict, chunk: int | None = None) -> torch.Tensor:
     log_a = inp["dt"] * inp["A"]
-    return triton_ssd.ssd_chunked_triton(inp["x"], log_a, inp["B"], inp["C"], inp["dt"], inp["D"], chunk_size=chunk)[0]
+    return triton_ssd.ssd_chunked_triton(inp["x"], log_a, inp["B"], inp["C"], inp["dt"], inp["D"],
+                                         chunk_size=chunk or CHUNK)[0]
 
 
 def mamba(peers: dict):
@@ -390,14 +392,17 @@ DECODE_HEADER = (
 
 
 def main() -> None:
+    global CHUNK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time segment counts (cheap: no recompilation)")
     parser.add_argument("--full-sweep", action="store_true", help="--sweep plus BLOCK_P x warps x stages")
     parser.add_argument("--peers", default="mamba,mamba_step,fla", help="peers to load (comma list; '' for none)")
     parser.add_argument("--shapes", default="0,1,2,3", help="indices into SHAPES")
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--chunk", type=int, default=64, help="SSD chunk length, ours and the peers' (student.chunk_size)")
     parser.add_argument("--out", type=Path, help="write the Markdown tables here")
     args = parser.parse_args()
+    CHUNK = args.chunk
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",") if i]  # --shapes "" : decode only
