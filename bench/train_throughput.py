@@ -13,11 +13,12 @@ runs it: eagerly (torch's AdamW) and captured once as a CUDA graph and replayed 
 synchronisations; each step reads its losses back to the host, as training does. Stage 3 runs the fused, chunked
 divergence (what training runs) and, for comparison, full-vocabulary logits (the reference path, eager). The
 teacher's forward alone (no capture, logits) is the scale. `--ablate conv,rms_norm,swiglu,align,divergence,out_norm,
-norm_dtype,split_pad` adds stage-3 rows with each named piece, then all of them, undone, on each path timed (the
+norm_dtype,split_pad,rope` adds stage-3 rows with each named piece, then all of them, undone, on each path timed (the
 PyTorch reference for a kernel; for `align`, in_proj's product at its own odd width; for `divergence`, the chunk's
 loss and gradient through autograd; `out_norm`, the Mamba-2 form's output norm alone, for a mamba2 first form;
 `norm_dtype`, the layer norms writing float32 for autocast to cast; `split_pad`, in_proj's product sliced before its
-split): what each of the step's kernels and passes buys, measured in one run. `--stage1-fp32` adds a stage-1 row with B
+split; `rope`, transformers' eager rotary embedding instead of liger-kernel's, where installed): what each of the
+step's kernels and passes buys, measured in one run. `--stage1-fp32` adds a stage-1 row with B
 and C upcast to float32 before the fused loss (the step before 2026-12-02). `--chunk-tokens 4096,1024` times stage 3
 at each divergence chunk (the first is used for the other rows); `--forms discrete,mamba2` adds the eager stage rows of
 each further student form (the first form gets every row); `--attention "8,20,23;..."` adds stage-3 rows of hybrids
@@ -47,6 +48,7 @@ from distill.cli import compose  # noqa: E402
 from distill.config import TRAINABLE, StageConfig, StudentConfig, TeacherConfig  # noqa: E402
 from distill.kernels import reference  # noqa: E402
 from distill.kernels.reference import DIVERGENCES  # noqa: E402
+from distill.models import rope  # noqa: E402
 from distill.models.student.modeling_distill import AlignedLinear, KernelRMSNorm, RMSNorm, SSDMixer  # noqa: E402
 from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
@@ -70,7 +72,7 @@ def full_logits_step(student, teacher, ids, precision):
 
 
 FORM_NAMES = {"discrete": "discrete-Mamba-2", "mamba2": "Mamba-2-form"}
-ABLATABLE = ("conv", "rms_norm", "swiglu", "align", "divergence", "out_norm", "norm_dtype", "split_pad")
+ABLATABLE = ("conv", "rms_norm", "swiglu", "align", "divergence", "out_norm", "norm_dtype", "split_pad", "rope")
 
 
 def _project_sliced(mixer: SSDMixer, hidden_states: torch.Tensor):
@@ -84,8 +86,11 @@ def without(pieces: tuple[str, ...]):
     """The named kernels through their PyTorch references (F.conv1d, the family's eager norm and gate, the chunk
     divergence through autograd) and, for "align", in_proj's product unpadded; "norm_dtype", the layer norms'
     output in float32 for autocast to cast at each product; "split_pad", in_proj's padded product sliced before its
-    split: the step as it ran before each piece existed."""
+    split; "rope", transformers' eager rotary embedding instead of liger's kernel: the step as it ran before each
+    piece existed."""
     saved = (kernels._triton_function, AlignedLinear.align, RMSNorm.forward, KernelRMSNorm.forward, SSDMixer._project)
+    swapped = {m: m.apply_rotary_pos_emb for m in map(sys.modules.get, rope.FAMILY_MODULES.values())
+               if m is not None and hasattr(m.apply_rotary_pos_emb, "original")}
     original = saved[0]
     kernels._triton_function = lambda name: None if name in pieces else original(name)
     if "align" in pieces:
@@ -96,11 +101,16 @@ def without(pieces: tuple[str, ...]):
         KernelRMSNorm.forward = lambda self, h: kernels.rms_norm(h, self.weight, self.variance_epsilon)
     if "split_pad" in pieces:
         SSDMixer._project = _project_sliced
+    if "rope" in pieces:
+        for module, fn in swapped.items():
+            module.apply_rotary_pos_emb = fn.original
     try:
         yield
     finally:
         (kernels._triton_function, AlignedLinear.align, RMSNorm.forward, KernelRMSNorm.forward,
          SSDMixer._project) = saved
+        for module, fn in swapped.items():
+            module.apply_rotary_pos_emb = fn
 
 
 @contextlib.contextmanager
