@@ -15,6 +15,7 @@ the rope as transformers does: the same function, up to bf16 rounding (liger rou
 from __future__ import annotations
 
 import importlib
+import logging
 
 import torch
 
@@ -29,6 +30,9 @@ def _liger_rope():
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
     except ImportError:
         return None
+    # liger looks for its optional backends (CuTe DSL, Ascend) on a kernel's first call and warns for each one not
+    # installed; its Triton kernel, the one used here, needs neither.
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     return liger_rotary_pos_emb
 
 
