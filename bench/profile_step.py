@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from distill.config import StageConfig, StudentConfig, TeacherConfig  # noqa: E402
+from distill.models.rope import use_fused_rope  # noqa: E402
 from distill.models.teachers import load_teacher  # noqa: E402
 from distill.models.transfer import build_student  # noqa: E402
 from distill.stages import stage_step, trainable_parameters  # noqa: E402
@@ -76,6 +77,7 @@ def main() -> None:
         args.batch, args.seq_len = 2, 128
     teacher = load_teacher(TeacherConfig(name="profile", source="random", architecture=architecture,
                                          dtype="bfloat16")).to(device)
+    use_fused_rope(teacher.config.model_type)  # as the trainer does
     student = build_student(teacher, StudentConfig(form="discrete"), attention_layers=[]).to(device)
     cfg, trainable = STAGES[args.stage]
     step = stage_step(cfg)

@@ -245,6 +245,7 @@ def main() -> None:
         sys.exit("--chunk-tokens takes positive integers and --forms names among discrete, mamba2")
     chunks = [int(c) for c in chunk_list]
     teacher = load_teacher(tcfg).to(device)
+    rope.use_fused_rope(teacher.config.model_type)  # as the trainer does
     student = build_student(teacher, StudentConfig(form=forms[0]), attention_layers=[]).to(device)
     precision = "bf16"
     ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len), device=device)

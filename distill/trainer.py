@@ -28,6 +28,7 @@ from .config import (
 )
 from .data import PackedData, build_data
 from .metrics_file import read_metrics
+from .models.rope import use_fused_rope
 from .models.teachers import Teacher, load_teacher
 from .models.transfer import build_student
 from .on_policy import OnPolicy
@@ -221,6 +222,9 @@ class Trainer:
 
         with distributed.main_process_first(self.is_main):  # a teacher download lands in the cache once
             self.teacher: Teacher = load_teacher(cfg.teacher)
+        # Training alone takes liger-kernel's rope (where installed, on CUDA): eval, rank, export and generate keep
+        # transformers' own arithmetic, so that a student's scores are those an independent harness computes.
+        use_fused_rope(self.teacher.config.model_type)
         keep = validate_against_teacher(cfg, self.teacher.num_layers, self.teacher.max_positions)
         self.student = build_student(self.teacher, cfg.student, keep)
         if cfg.trainer.teacher_zero3:  # only once the student has copied the teacher's whole weights

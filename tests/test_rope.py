@@ -1,6 +1,6 @@
 """The rotary embedding's route to liger-kernel's fused kernel (distill/models/rope.py): liger's kernel computes
-transformers' function, forward and gradients (run by Triton's interpreter off CUDA), and the swapped module-level
-function leaves everything but CUDA tensors to transformers' own code."""
+transformers' function, forward and gradients (run by Triton's interpreter off CUDA), the swapped module-level
+function leaves everything but CUDA tensors to transformers' own code, and training alone swaps it."""
 
 from __future__ import annotations
 
@@ -52,3 +52,18 @@ def test_the_swapped_function_leaves_cpu_tensors_to_transformers(model_type):
     for got, want in zip(swapped(q, k, cos, sin), swapped.original(q, k, cos, sin)):
         assert torch.equal(got, want)
     assert rope.use_fused_rope("phi") is False  # Phi's partial rotary keeps its own
+
+
+def test_training_alone_routes_the_rope(tiny_cfg, monkeypatch):
+    """The trainer installs the route; loading a teacher (eval, rank, export, generate) leaves transformers' own."""
+    from distill.models.teachers import load_teacher
+    from distill.trainer import Trainer
+
+    module = importlib.import_module(rope.FAMILY_MODULES["llama"])
+    plain = getattr(module.apply_rotary_pos_emb, "original", module.apply_rotary_pos_emb)
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", plain)  # put back after the test, whatever ran before
+    cfg = tiny_cfg("trainer.device=cpu")
+    load_teacher(cfg.teacher)
+    assert module.apply_rotary_pos_emb is plain
+    Trainer(cfg)
+    assert module.apply_rotary_pos_emb.original is plain

@@ -7,9 +7,10 @@ bench/runs/profile_stage3_2026-12-04.md). liger-kernel's rope is one pass. The p
 to a twin of its own: bench/liger_compare.py times liger's rope against the eager one.
 
 transformers' attention calls the module-level `apply_rotary_pos_emb` of its family's modeling file, so that name is
-swapped, once a process, for the function `_dispatch` builds: CUDA tensors go to liger's kernel, everything else (CPU models, float64
-tests, `kernels=torch`) to transformers' own function, unchanged. An exported model loaded without distill computes
-the rope as transformers does: the same function, up to bf16 rounding (liger rounds once, eager after each pass).
+swapped, once a process, for the function `_dispatch` builds: CUDA tensors go to liger's kernel, everything else (CPU
+models, float64 tests, `kernels=torch`) to transformers' own function, unchanged. The trainer alone installs it (the
+same function up to bf16 rounding: liger rounds once, eager after each pass); `distill eval`, `rank`, `export` and
+`generate` keep transformers' arithmetic, so that a student's scores are those an independent harness computes.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from ...config import ConfigError, TeacherConfig
-from ..rope import use_fused_rope
 from ..student.modeling_distill import use_block_kernels
 from .capture import LayerCapture, TeacherPass, capture_layers, use_capture_attention
 from .family import Family
@@ -37,7 +36,6 @@ class Teacher:
     def __init__(self, model: nn.Module, tokenizer, family: Family):
         # Norms and gated MLPs through distill's kernels (the same function; fewer passes on the GPU).
         self.model = use_block_kernels(model).eval().requires_grad_(False)
-        use_fused_rope(model.config.model_type)  # on CUDA, where liger-kernel is installed (distill/models/rope.py)
         self.tokenizer = tokenizer
         self.family = family
         use_capture_attention(self.model)
