@@ -12,7 +12,9 @@ Held-out perplexity is always measured on the primary source.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +47,20 @@ def resolve_files(path: str, key: str = "data.path") -> list[str] | None:
     return files
 
 
+@contextlib.contextmanager
+def _loader_errors_held_back():
+    """datasets' JSON loader logs a parse error (with its traceback) before it raises; the error distill raises
+    names the file, the line and what is wrong in one line, so that log is held back while local files load. (It
+    also went to whatever stream the logger's handler first saw: under pytest a closed one, a "Logging error".)"""
+    log = logging.getLogger("datasets.packaged_modules.json.json")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _load_dataset(path: str, cfg: DataConfig, key: str = "data.path"):
     import datasets
 
@@ -54,7 +70,8 @@ def _load_dataset(path: str, cfg: DataConfig, key: str = "data.path"):
             ds = datasets.load_dataset(path, cfg.hub_config, split=cfg.split)
         else:
             is_text = all(f.removesuffix(".gz").endswith(".txt") for f in files)
-            ds = datasets.load_dataset("text" if is_text else "json", data_files=files, split="train")
+            with _loader_errors_held_back():
+                ds = datasets.load_dataset("text" if is_text else "json", data_files=files, split="train")
     except Exception as err:  # datasets raises many types; all mean the same to the user
         raise ConfigError(f"cannot read {key}={path!r}: {_why(err, files, cfg.text_field)}") from err
     is_text = files is not None and all(f.removesuffix(".gz").endswith(".txt") for f in files)
