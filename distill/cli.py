@@ -232,6 +232,7 @@ EVAL_HELP = """overrides:
                             distill_arc_challenge, distill_winogrande, distill_wikitext) or lm-eval names (hub)
   data_dir=DIR              the offline twins' data (default: $DISTILL_DATA_DIR)
   limit=N batch_size=N max_length=N device=auto precision=bf16 out=STEM
+  bootstrap_iters=1000      draws for bootstrapped standard errors (LAMBADA's perplexity; lm-eval's default 100000)
 
 writes STEM.json and STEM.md (default stem: RUN/eval/results) and prints the table.
 """

@@ -178,6 +178,8 @@ class EvalCommandConfig:
     # Perplexity tasks (wikitext) score whole windows of max_length: at most this many tokens of them a batch, so
     # that a large batch_size for the short tasks does not also mean batch_size full windows at once.
     rolling_tokens: int = 32768
+    # Draws for the standard errors lm-eval bootstraps (LAMBADA's perplexity): its default 100,000 cost minutes of CPU
+    bootstrap_iters: int = 1000
     device: str = "auto"
     precision: str = "bf16"  # bf16 casts the models to bfloat16 on CUDA; the CPU evaluates in float32
     out: str | None = None  # results stem (default: RUN/eval/results or runs/eval/<teacher>)

@@ -383,6 +383,7 @@ def test_a_bad_number_or_name_in_the_config(tmp_path, capsys, overrides, message
         (["eval", "checkpoint=RUN", "batch_size=0"], "batch_size=0 must be positive"),
         (["eval", "checkpoint=RUN", "max_length=-3"], "max_length=-3 must be positive"),
         (["eval", "checkpoint=RUN", "rolling_tokens=0"], "rolling_tokens=0 must be positive"),
+        (["eval", "checkpoint=RUN", "bootstrap_iters=0"], "bootstrap_iters=0 must be positive"),
         (["eval", "checkpoint=RUN", "precision=fp16"], "precision='fp16': use bf16 or fp32"),
         (["eval", "checkpoint=RUN", "device=tpu9", "tasks=[distill_arc_easy]", "data_dir=DATA"],
          "device='tpu9' is not a device"),

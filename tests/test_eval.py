@@ -249,6 +249,10 @@ def test_evaluate_runs_all_twins_on_a_tiny_llama(tmp_path):
                 assert value > 1.0, (task, metric, value)
     raw = results[RAW_KEY]
     assert {task: raw["n-samples"][task]["effective"] for task in OFFLINE_TASKS} == dict.fromkeys(OFFLINE_TASKS, limit)
+    # 1,000 bootstrap draws (not lm-eval's 100,000), and every standard error still there
+    assert raw["config"]["bootstrap_iters"] == 1000
+    assert isinstance(raw["results"]["distill_lambada_openai"]["perplexity_stderr,none"], float)
+    assert isinstance(raw["results"]["distill_piqa"]["acc_stderr,none"], float)
     assert raw["results"]["distill_wikitext"]["bits_per_byte,none"] > 0
 
     json_path, md_path = write_results(tmp_path / "tiny", {"teacher": results, "student": results})

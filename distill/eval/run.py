@@ -14,7 +14,7 @@ from .tasks.offline import DATA_DIR_ENV
 
 def validate_eval(cfg: EvalCommandConfig) -> None:
     """Everything that can be refused before a model is loaded: numbers, precision, tasks and their data files."""
-    for key in ("batch_size", "max_length", "rolling_tokens"):
+    for key in ("batch_size", "max_length", "rolling_tokens", "bootstrap_iters"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
     if cfg.limit is not None and not cfg.limit > 0:
@@ -101,6 +101,7 @@ def run_eval(cfg: EvalCommandConfig) -> tuple[dict, str]:
                 batch_size=cfg.batch_size,
                 max_length=cfg.max_length,
                 rolling_tokens=cfg.rolling_tokens,
+                bootstrap_iters=cfg.bootstrap_iters,
             )
         except UnknownTask as err:  # found in lm-eval's task index, which only evaluate() builds
             raise ConfigError(str(err)) from None
