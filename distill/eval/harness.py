@@ -171,9 +171,10 @@ def evaluate(
     rolling_tokens: tokens a batch of perplexity windows may hold (wikitext: rolling_tokens // max_length windows
         of max_length), whatever batch_size; None: batch_size windows.
     bootstrap_iters: draws for the standard errors lm-eval bootstraps (LAMBADA's perplexity among the twins; the
-        accuracies' come in closed form). lm-eval's default of 100,000 took about 3 minutes of one 2-core CPU after
-        the forwards (AMD EPYC, 2026-12-04), longer than the forwards of a small student on a GPU; 1,000 estimate
-        an error that no table shows to a few percent. Must be positive: 0 drops every standard error.
+        accuracies' come in closed form). lm-eval's default of 100,000 ran at ~1.9 s a 1,000 on a 2-core CPU after
+        the forwards (AMD EPYC, AVX2, 2026-12-04: 36 of its 100 rounds in 67 s, ~3 minutes in all), longer than a
+        small student's forwards on a GPU; 1,000 estimate an error that no table shows to a few percent (lm-eval
+        spreads the rounds over the host's cores). Must be positive: 0 drops every standard error.
     simple_evaluate_kwargs: passed on to lm_eval.simple_evaluate (e.g. num_fewshot).
     """
     import lm_eval
