@@ -194,6 +194,17 @@ def time_stage(name, step, trainable, student, teacher, ids, *, precision, steps
     return {"stage": label, "tok_s": ids.numel() / seconds, "ms": seconds * 1e3, "peak_gb": peak, "loss": loss}
 
 
+def names_among(allowed: tuple[str, ...]):
+    """An argparse type: a comma list of names from `allowed` (argparse refuses any other, before a model loads)."""
+    def parse(value: str) -> list[str]:
+        names = [name for name in value.split(",") if name]
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{','.join(unknown)}: choose among {','.join(allowed)}")
+        return names
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-gguf", default="/root/teacher/smollm2.gguf")
@@ -210,7 +221,7 @@ def main() -> None:
     parser.add_argument("--random-smollm2", action="store_true", help="SmolLM2-135M's shapes with random weights")
     parser.add_argument("--no-eager", action="store_true", help="time the CUDA-graph path only")
     parser.add_argument("--no-graph", action="store_true", help="time the eager path only")
-    parser.add_argument("--ablate", default="",
+    parser.add_argument("--ablate", default="", type=names_among(ABLATABLE),
                         help=f"comma list from {','.join(ABLATABLE)}: stage-3 rows with each piece, then all, undone")
     parser.add_argument("--stage1-fp32", action="store_true",
                         help="add a stage-1 row with B and C upcast to float32 before the loss (as before 2026-12-02)")
@@ -222,9 +233,9 @@ def main() -> None:
                         help="a stage-3 row with recall weighting (a second, windowed teacher forward a step)")
     parser.add_argument("--d-state", type=int, default=0,
                         help="stage-1 and stage-3 rows of a student with this SSD state size too (student.d_state)")
-    parser.add_argument("--divergences", default="",
+    parser.add_argument("--divergences", default="", type=names_among(DIVERGENCES),
                         help='stage-3 rows with other divergences too, e.g. "reverse_kl,jsd" (forward_kl is the base row)')
-    parser.add_argument("--trainables", default="",
+    parser.add_argument("--trainables", default="", type=names_among(TRAINABLE),
                         help='stage-3 rows training only these sets too, e.g. "mixers,ssd_blocks"')
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -298,22 +309,15 @@ def main() -> None:
         wide = wide.to(device)
         for name, cfg, trainable in (stages[0], stages[2]):
             on_each_path(f"{name}, d_state {args.d_state}", cfg, trainable, wide)
-    for divergence in (d for d in args.divergences.split(",") if d):
-        if divergence not in DIVERGENCES:
-            sys.exit(f"--divergences {divergence}: choose among {','.join(DIVERGENCES)}")
+    for divergence in args.divergences:
         cfg = StageConfig(loss="logits", tokens=1, chunk_tokens=chunks[0], divergence=divergence)
         on_each_path(f"stage 3, {divergence}", cfg, stages[2][2], student)
-    for trainable in (t for t in args.trainables.split(",") if t):
-        if trainable not in TRAINABLE:
-            sys.exit(f"--trainables {trainable}: choose among {','.join(TRAINABLE)}")
+    for trainable in args.trainables:
         on_each_path(f"stage 3, trains {trainable}", stages[2][1], trainable, student)
     if args.stage1_fp32:
         measures.append(within(stage1_bc_float32, timed(f"{stages[0][0]}, B and C in float32",
                                                         stage_step(stages[0][1]), stages[0][2], student, teacher, ids)))
-    ablate = tuple(name for name in args.ablate.split(",") if name)
-    unknown = set(ablate) - set(ABLATABLE)
-    if unknown:
-        sys.exit(f"--ablate {','.join(sorted(unknown))}: choose among {','.join(ABLATABLE)}")
+    ablate = tuple(args.ablate)
     for pieces in [(name,) for name in ablate] + ([ablate] if len(ablate) > 1 else []):
         for graph in modes:
             measures.append(within(lambda pieces=pieces: without(pieces), timed(
