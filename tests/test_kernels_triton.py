@@ -546,8 +546,9 @@ def test_chunk_divergence_jsd_peaked_distributions(weighted, ce) -> None:
     s, t = _peaked_logits(g, n, V)
     weights = torch.rand(n, generator=g, dtype=F64) * 3 + 0.1 if weighted else None
     labels = torch.randint(0, V, (n,), generator=g) if ce else None
+    dev_labels = labels.to(DEVICE) if ce else None
     div, ce_sum, grad = triton_divergence.chunk_divergence_triton(
-        s.to(DEVICE, torch.float32), t.to(DEVICE, torch.float32), "jsd", beta, T, 0.37, None if labels is None else labels.to(DEVICE), 0.21, torch.float32,
+        s.to(DEVICE, torch.float32), t.to(DEVICE, torch.float32), "jsd", beta, T, 0.37, dev_labels, 0.21, torch.float32,
         block=16, weights=weights.to(DEVICE, torch.float32) if weighted else None,
     )
     ref = reference.chunk_divergence(s, t, "jsd", beta, T, 0.37, labels, 0.21, F64, weights)

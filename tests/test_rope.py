@@ -11,7 +11,7 @@ import torch
 
 from distill.models import rope
 
-liger = pytest.importorskip("liger_kernel.transformers.rope", reason="liger-kernel not installed (extra 'bench')")
+liger = pytest.importorskip("liger_kernel.transformers.rope", reason="liger-kernel not installed (extras 'triton', 'test')")
 
 
 def rope_inputs(g: torch.Generator, b=2, L=24, hq=4, hk=2, d=16, dtype=torch.float32):
@@ -42,11 +42,13 @@ def test_liger_rope_is_transformers_rope_with_its_gradients():
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_the_swapped_function_leaves_cpu_tensors_to_transformers(model_type):
-    assert rope.use_fused_rope(model_type) and rope.use_fused_rope(model_type)  # a second call wraps nothing again
+def test_the_swapped_function_leaves_cpu_tensors_to_transformers(model_type, monkeypatch):
     module = importlib.import_module(rope.FAMILY_MODULES[model_type])
+    plain = getattr(module.apply_rotary_pos_emb, "original", module.apply_rotary_pos_emb)
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", plain)  # the module as it was, after the test
+    assert rope.use_fused_rope(model_type) and rope.use_fused_rope(model_type)  # a second call wraps nothing again
     swapped = module.apply_rotary_pos_emb
-    assert not hasattr(swapped.original, "original")
+    assert swapped.original is plain
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     q, k, cos, sin = rope_inputs(g, dtype=torch.float64)
     for got, want in zip(swapped(q, k, cos, sin), swapped.original(q, k, cos, sin)):
