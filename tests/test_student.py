@@ -294,14 +294,14 @@ def test_the_profile_passes_removed_keep_the_function(tiny_llama, monkeypatch):
     autocast dtype (no float32 copy for in_proj, gate and up to cast each, nor casts of their gradients back), and
     in_proj's split takes its padded product whole (its gradient is one concatenation, no zero fill and strided copy
     of the sliced width). Under bf16 autocast, with in_proj padded as on CUDA: the same logits as with both undone,
-    gradients within bf16's rounding, and three fewer casts of the stream a layer, forward and backward. Through the
-    Triton kernels (the interpreter off CUDA), whose norm writes bf16 itself."""
+    gradients as close to the float64 gradients as with both undone, and three fewer casts of the stream a layer,
+    forward and backward. Through the Triton kernels (the interpreter off CUDA), whose norm writes bf16 itself."""
+    import copy
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from distill import kernels
     from distill.models.student.modeling_distill import AlignedLinear, KernelRMSNorm
-
-    monkeypatch.setattr(kernels, "_backend", "triton")
 
     student = build_student(tiny_llama, StudentConfig(form="discrete"), attention_layers=[1])
     with torch.no_grad():  # open the gates and set D: the mixers' outputs count
@@ -312,6 +312,17 @@ def test_the_profile_passes_removed_keep_the_function(tiny_llama, monkeypatch):
     assert sum(m.feeds_products for m in norms) == 2 * len(student.model.layers) and not student.model.norm.feeds_products
     ids, params = random_ids(), [p for p in student.parameters() if p.requires_grad]
     H = student.config.hidden_size
+    weights = torch.linspace(-1, 1, tiny_llama.config.vocab_size)
+
+    def flat(grads) -> torch.Tensor:
+        return torch.cat([g.double().flatten() for g in grads])
+
+    # The float64 gradients (the PyTorch reference: float64 never takes the kernels on "auto")
+    exact = copy.deepcopy(student).double()
+    logits64 = exact(ids).logits
+    grads64 = flat(torch.autograd.grad((logits64 * weights.double()).sum(), [p for p in exact.parameters()
+                                                                              if p.requires_grad]))
+    monkeypatch.setattr(kernels, "_backend", "triton")
 
     class StreamCasts(TorchDispatchMode):
         """Counts casts of a (b, L, hidden) tensor between float32 and bf16."""
@@ -334,11 +345,15 @@ def test_the_profile_passes_removed_keep_the_function(tiny_llama, monkeypatch):
         with StreamCasts() as casts:
             with torch.autocast("cpu", torch.bfloat16):
                 logits = student(ids).logits
-            grads = torch.autograd.grad((logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum(), params)
-        return logits, grads, casts.n
+            grads = torch.autograd.grad((logits.float() * weights).sum(), params)
+        return logits, flat(grads), casts.n
 
     logits, grads, casts = run(True)
     base_logits, base_grads, base_casts = run(False)
     assert rel(logits.float(), base_logits.float()) < 1e-2
-    assert max(rel(g, b) for g, b in zip(grads, base_grads)) < 5e-2
+    # Each path's gradients against the float64 ones, all parameters together (a few small tensors' gradients are
+    # ill-conditioned in bf16 on either path: compared tensor by tensor, the two paths differed by up to 10% on
+    # fresh inputs while the old path alone was 7% from float64). Seen over ten fresh inputs: 0.0077-0.0095 against
+    # the old path's 0.0077-0.011 (the largest ratio 1.18).
+    assert rel(base_grads, grads64) < 2e-2 and rel(grads, grads64) < 1.5 * rel(base_grads, grads64)
     assert base_casts - casts >= 6 * len(student.model.layers)
